@@ -1,0 +1,48 @@
+# curvlab — two commands for a newcomer:
+#   make test        lint + unit tests + doctests + notebooks (nbval, quick mode)
+#   make reproduce   quick CPU reproduction of every documented experiment -> results/
+# Override the torch pin with e.g. `make test TORCH="torch==2.5.1"`.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.curvlab-installed
+
+.PHONY: install test lint unit notebooks reproduce reproduce-full benchmarks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check curvlab tests benchmarks notebooks
+
+test: lint
+	$(BIN)/python -m pytest -q tests curvlab notebooks --nbval-lax --nbval-current-env
+
+unit: install
+	$(BIN)/python -m pytest -q tests curvlab
+
+notebooks: install
+	$(BIN)/python -m pytest -q notebooks --nbval-lax --nbval-current-env
+
+reproduce: install
+	$(BIN)/python -m curvlab reproduce --out results
+
+reproduce-full: install
+	$(BIN)/python -m curvlab reproduce --full --out results
+
+benchmarks: install
+	$(BIN)/python benchmarks/products.py
+	$(BIN)/python benchmarks/optimizers.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

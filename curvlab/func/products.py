@@ -1,0 +1,258 @@
+r"""Matrix-free curvature-vector products on one batch (pure functions).
+
+All functions take parameter-shaped tangents ``v`` (a dict keyed like ``params`` or a list in
+its order) and return the product in the same form. Curvatures are those of the batch loss
+``loss_fn(model(inputs), targets)`` with the loss's own reduction (see
+:mod:`curvlab.func.losses` for the scaling convention). Nothing the model owns (parameters,
+BatchNorm running statistics, ``.grad``) is modified.
+
+* :func:`hvp` — Hessian of any scalar function of parameters, forward-over-reverse
+  (``jvp`` of ``grad``).
+* :func:`hessian_vector_product` — Hessian of the batch loss w.r.t. model parameters.
+* :func:`ggn_vector_product` (alias :func:`ggnvp`) — :math:`J^\top H_L J v`: one forward
+  carrying the tangent, the closed-form loss Hessian, one backward.
+* :func:`fisher_vector_product` — Monte-Carlo Fisher :math:`J^\top \hat F_L J v` with targets
+  sampled from the model (``mc_samples``, ``generator``).
+* :func:`empirical_fisher_vector_product` — :math:`w \sum_n g_n g_n^\top v` with ``g_n`` the
+  gradient of example ``n``'s own loss and ``w = 1/N`` ('mean') or ``1`` ('sum').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func.linearize import Linearization, linearize
+from curvlab.func.losses import LossFn, LossRule, loss_rule
+from curvlab.func.params import ParamsArg, cloned_buffers, select_params
+
+Tangents = Mapping[str, Tensor] | Sequence[Tensor]
+
+__all__ = [
+    "empirical_fisher_vector_product",
+    "fisher_vector_product",
+    "ggn_vector_product",
+    "ggnvp",
+    "hessian_vector_product",
+    "hvp",
+]
+
+
+def hvp(loss_of_params: Callable[[Any], Tensor], params: Any, v: Any) -> Any:
+    r"""Hessian-vector product :math:`\nabla^2 f(\theta)\, v` by forward-over-reverse.
+
+    Args:
+        loss_of_params: Scalar function of ``params`` (any pytree of tensors).
+        params: Point of evaluation.
+        v: Tangent with the structure of ``params``.
+
+    Returns:
+        :math:`H v`, structured like ``params``.
+
+    Example:
+        >>> f = lambda x: (x ** 3).sum()
+        >>> hvp(f, torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+        tensor([ 6., 12.])
+    """
+    return torch.func.jvp(torch.func.grad(loss_of_params), (params,), (v,))[1]
+
+
+def _prepare(model: nn.Module, params: ParamsArg, v: Tangents) -> tuple[dict, list, bool]:
+    selected = select_params(model, params)
+    names = list(selected)
+    if isinstance(v, Mapping):
+        if set(v) != set(names):
+            missing, unknown = set(names) - set(v), set(v) - set(names)
+            raise ValueError(
+                f"v: keys must match the parameters; missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}"
+            )
+        vs = [v[n] for n in names]
+        as_dict = True
+    elif isinstance(v, Sequence) and not isinstance(v, Tensor):
+        vs = list(v)
+        if len(vs) != len(names):
+            raise ValueError(f"v: got {len(vs)} tensors, expected {len(names)} ({names})")
+        as_dict = False
+    else:
+        raise TypeError(
+            "v must be a dict {name: tensor} or a list of parameter-shaped tensors, got "
+            f"{type(v).__name__}; use the curvlab operators for flat vectors"
+        )
+    for n, t in zip(names, vs, strict=True):
+        p = selected[n]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"v[{n!r}] must be a tensor, got {type(t).__name__}")
+        if t.shape != p.shape:
+            raise ValueError(f"v[{n!r}] has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        if t.dtype != p.dtype or t.device != p.device:
+            raise ValueError(
+                f"v[{n!r}] is {t.dtype} on {t.device}, the parameter is {p.dtype} on {p.device}"
+            )
+    return selected, vs, as_dict
+
+
+def _pack(names: list[str], values: list[Tensor], as_dict: bool):
+    return dict(zip(names, values, strict=True)) if as_dict else values
+
+
+def _output_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: ParamsArg,
+    inputs: Any,
+    targets: Tensor | None,
+    v: Tangents,
+    output_space: Callable[[LossRule, Linearization, Tensor], Tensor],
+):
+    selected, vs, as_dict = _prepare(model, params, v)
+    rule = loss_rule(loss_fn)
+    lin = linearize(model, selected, inputs)
+    if targets is not None:
+        rule.check(lin.output, targets)
+    u = lin.jvp(vs)
+    r = output_space(rule, lin, u)
+    return _pack(list(selected), lin.vjp(r, retain_graph=False), as_dict)
+
+
+def ggn_vector_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: ParamsArg,
+    inputs: Any,
+    targets: Tensor,
+    v: Tangents,
+):
+    r"""Generalized Gauss-Newton product :math:`G v = J^\top H_L J v` on one batch.
+
+    ``J`` is the Jacobian of ``model(inputs)`` w.r.t. the selected parameters and ``H_L`` the
+    Hessian of ``loss_fn`` w.r.t. the model output (closed form for cross-entropy, MSE and
+    BCE-with-logits; autodiff otherwise).
+
+    Args:
+        model: The network (its parameters and buffers are not modified).
+        loss_fn: ``loss_fn(output, targets) -> scalar``.
+        params: ``None`` (all trainable), a list of parameters/names, or a dict.
+        inputs: Model input for this batch.
+        targets: Targets for this batch.
+        v: Tangent, dict keyed by parameter name or list in parameter order.
+
+    Returns:
+        :math:`Gv` in the form of ``v``.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(4, 3), torch.randn(4, 2)
+        >>> v = [torch.ones(2, 3), torch.zeros(2)]
+        >>> [t.shape for t in ggnvp(net, torch.nn.MSELoss(), None, x, y, v)]
+        [torch.Size([2, 3]), torch.Size([2])]
+    """
+    return _output_product(
+        model, loss_fn, params, inputs, targets, v,
+        lambda rule, lin, u: rule.hessian_vp(lin.output.detach(), targets, u),
+    )
+
+
+ggnvp = ggn_vector_product
+
+
+def fisher_vector_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: ParamsArg,
+    inputs: Any,
+    v: Tangents,
+    *,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+):
+    r"""Monte-Carlo Fisher product :math:`J^\top \big(\tfrac1S\sum_s s_s s_s^\top\big) J v`.
+
+    ``s_s`` are loss gradients at targets sampled from the model's predictive distribution
+    (see :meth:`curvlab.func.losses.LossRule.sample_grads`); the estimator is unbiased for the
+    GGN of the same loss, and its scale follows the loss's reduction.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 4)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> out = fisher_vector_product(net, torch.nn.CrossEntropyLoss(), None, torch.randn(8, 3),
+        ...                             [torch.ones(4, 3), torch.ones(4)], generator=g)
+        >>> [t.shape for t in out]
+        [torch.Size([4, 3]), torch.Size([4])]
+    """
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    return _output_product(
+        model, loss_fn, params, inputs, None, v,
+        lambda rule, lin, u: rule.mc_fisher_vp(lin.output.detach(), u, mc_samples, generator),
+    )
+
+
+def empirical_fisher_vector_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: ParamsArg,
+    inputs: Any,
+    targets: Tensor,
+    v: Tangents,
+):
+    r"""Empirical Fisher product :math:`w\sum_n g_n g_n^\top v` on one batch.
+
+    ``g_n`` is the gradient of example ``n``'s own loss (``loss_fn`` on that example alone, same
+    reduction) and ``w = 1/N`` for ``reduction='mean'``, ``1`` for ``'sum'``. Computed without
+    materializing per-example gradients: ``g_n^T v = <∇ℓ_n, (J v)_n>`` in output space, then one
+    backward (identical to ``vmap``-ed per-example gradients, see the tests).
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> x, y = torch.randn(3, 2), torch.randn(3, 1)
+        >>> [t.shape for t in empirical_fisher_vector_product(
+        ...     net, torch.nn.MSELoss(), None, x, y, [torch.ones(1, 2), torch.ones(1)])]
+        [torch.Size([1, 2]), torch.Size([1])]
+    """
+    return _output_product(
+        model, loss_fn, params, inputs, targets, v,
+        lambda rule, lin, u: rule.empirical_fisher_vp(lin.output.detach(), targets, u),
+    )
+
+
+def hessian_vector_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: ParamsArg,
+    inputs: Any,
+    targets: Tensor,
+    v: Tangents,
+):
+    r"""Hessian of the batch loss w.r.t. the selected parameters, times ``v``.
+
+    Forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad`` of the loss as a function of
+    the parameters (via ``functional_call`` on copies of the buffers).
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> x, y = torch.randn(3, 2), torch.randn(3, 1)
+        >>> [t.shape for t in hessian_vector_product(
+        ...     net, torch.nn.MSELoss(), None, x, y, [torch.ones(1, 2), torch.ones(1)])]
+        [torch.Size([1, 2]), torch.Size([1])]
+    """
+    selected, vs, as_dict = _prepare(model, params, v)
+    names = list(selected)
+    primals = {n: p.detach() for n, p in selected.items()}
+    buffers = cloned_buffers(model)
+    rule = loss_rule(loss_fn)
+    checked = []
+
+    def loss_of_params(p: dict[str, Tensor]) -> Tensor:
+        out = torch.func.functional_call(model, (p, buffers), (inputs,))
+        if not checked:
+            rule.check(out, targets)
+            checked.append(True)
+        return loss_fn(out, targets)
+
+    with torch.enable_grad():
+        result = hvp(loss_of_params, primals, dict(zip(names, vs, strict=True)))
+    return _pack(names, [result[n] for n in names], as_dict)
