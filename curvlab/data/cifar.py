@@ -102,7 +102,8 @@ def read_cifar_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarr
     y = np.asarray(labels, dtype=np.int64)
     if y.ndim != 1 or y.shape[0] != data.shape[0]:
         raise ValueError(
-            f"{path}: b'labels' must hold one label per image ({data.shape[0]}), got shape {y.shape}"
+            f"{path}: b'labels' must hold one label per image ({data.shape[0]}), "
+            f"got shape {y.shape}"
         )
     if y.size and (y.min() < 0 or y.max() > 9):
         raise ValueError(f"{path}: labels must be in 0..9, found range [{y.min()}, {y.max()}]")

@@ -68,7 +68,10 @@ def _to_tensor(
     array: Any, *, device: torch.device, dtype: torch.dtype | None
 ) -> Tensor:
     """Convert a numpy array or tensor to a tensor on ``device`` (one copy at most)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    if isinstance(array, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        tensor = array
     if not isinstance(tensor, Tensor):
         raise TypeError(f"expected a numpy array or torch.Tensor, got {type(array).__name__}")
     return tensor.to(device=device, dtype=dtype)
@@ -77,7 +80,7 @@ def _to_tensor(
 def _uint8_images_to_tensor(
     images: np.ndarray, *, scale: bool, device: torch.device | str, dtype: torch.dtype
 ) -> Tensor:
-    """Move uint8 pixels to ``device`` as uint8 (4x less traffic), then cast, then scale by 1/255."""
+    """Move uint8 pixels to ``device`` as uint8 (4x less traffic), cast, then scale by 1/255."""
     t = torch.from_numpy(np.ascontiguousarray(images)).to(device=_check_device(device))
     t = t.to(dtype=_check_float_dtype(dtype))
     return t.div_(255.0) if scale else t

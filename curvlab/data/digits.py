@@ -1,4 +1,4 @@
-"""scikit-learn's bundled 8x8 handwritten digits (UCI optdigits test set; real data, no download)."""
+"""scikit-learn's bundled 8x8 handwritten digits (UCI optdigits test set; real, no download)."""
 
 from __future__ import annotations
 

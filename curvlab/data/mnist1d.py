@@ -1,4 +1,6 @@
-"""MNIST-1D, generated procedurally (Greydanus 2020, "Scaling down deep learning", arXiv 2011.14439).
+"""MNIST-1D, generated procedurally (Greydanus 2020, "Scaling down deep learning").
+
+Reference: S. Greydanus, arXiv 2011.14439; generator in github.com/greydanus/mnist1d.
 
 This is an independent, vectorised numpy implementation of the published generator's procedure.
 Each example starts from one of ten hand-made length-12 "digit" templates and goes through:

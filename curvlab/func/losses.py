@@ -108,6 +108,14 @@ class LossRule:
         """Number of examples (size of dim 0) of a batch output."""
         return int(output.shape[0])
 
+    def num_loss_terms(self, output: Tensor) -> int:
+        """Number of terms a ``'mean'`` reduction divides by (here: examples).
+
+        Batches of a data set are weighted by this count so that the aggregate equals the
+        loss of one concatenated batch.
+        """
+        return self.num_examples(output)
+
     def per_example_grads(self, output: Tensor, target: Tensor) -> Tensor:
         r"""Gradient of each example's *own* loss w.r.t. its output row.
 
@@ -200,7 +208,11 @@ class CrossEntropyRule(LossRule):
         return 1.0 / (output.numel() // output.shape[1])
 
     def num_terms_per_example(self, output: Tensor) -> int:
+        """Loss terms per example: the product of the spatial sizes ``d1 * d2 ...``."""
         return output[0, 0].numel()
+
+    def num_loss_terms(self, output: Tensor) -> int:
+        return output.numel() // output.shape[1]
 
     def _onehot(self, target: Tensor, output: Tensor) -> Tensor:
         return F.one_hot(target, output.shape[1]).movedim(-1, 1).to(output.dtype)
@@ -268,6 +280,9 @@ class MSERule(LossRule):
     def _scale(self, output: Tensor) -> float:
         return 1.0 / output.numel() if self.reduction == "mean" else 1.0
 
+    def num_loss_terms(self, output: Tensor) -> int:
+        return output.numel()
+
     def grad(self, output: Tensor, target: Tensor) -> Tensor:
         return 2.0 * (output - target) * self._scale(output)
 
@@ -318,6 +333,9 @@ class BCEWithLogitsRule(LossRule):
 
     def _scale(self, output: Tensor) -> float:
         return 1.0 / output.numel() if self.reduction == "mean" else 1.0
+
+    def num_loss_terms(self, output: Tensor) -> int:
+        return output.numel()
 
     def grad(self, output: Tensor, target: Tensor) -> Tensor:
         return (output.sigmoid() - target) * self._scale(output)

@@ -280,7 +280,10 @@ class LinearOperator:
         symmetric: bool | None = None,
     ) -> None:
         cls = type(self)
-        if cls._matmat is LinearOperator._matmat and cls._matvec_list is LinearOperator._matvec_list:
+        if (
+            cls._matmat is LinearOperator._matmat
+            and cls._matvec_list is LinearOperator._matvec_list
+        ):
             raise TypeError(
                 f"{cls.__name__} must implement _matmat(M) (columns, (P, K) -> (P, K)) or "
                 "_matvec_list(vs) (parameter-shaped list -> list)"
@@ -360,7 +363,7 @@ class LinearOperator:
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: give a clear message if a subclass forgot
         # to call LinearOperator.__init__.
-        if name in {"_shape", "_dtype", "_device", "_symmetric", "_param_shapes", "_param_names"}:
+        if "_shape" not in vars(self):
             raise AttributeError(
                 f"{type(self).__name__} has no attribute {name!r}: did its __init__ call "
                 "LinearOperator.__init__(shape, dtype, device, ...)?"
@@ -396,11 +399,11 @@ class LinearOperator:
 
     @property
     def symmetric(self) -> bool | None:
-        """``True``/``False`` if the operator is known (not) to be symmetric, ``None`` if unknown."""
+        """``True``/``False`` if known (not) to be symmetric, ``None`` if unknown."""
         return self._symmetric
 
     @property
-    def T(self) -> LinearOperator:  # noqa: N802
+    def T(self) -> LinearOperator:
         """The adjoint (transpose) operator; ``self`` for symmetric operators."""
         return self._adjoint()
 
@@ -440,7 +443,8 @@ class LinearOperator:
         if not isinstance(out, list | tuple) or len(out) != len(self._param_shapes):
             raise RuntimeError(
                 f"{name} must return a list of {len(self._param_shapes)} tensors, got "
-                f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, list | tuple) else "")
+                f"{type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, list | tuple) else "")
             )
         for i, (t, s) in enumerate(zip(out, self._param_shapes)):
             if not isinstance(t, Tensor) or t.shape != s:
@@ -503,7 +507,8 @@ class LinearOperator:
             )
         if v.shape[0] != p:
             raise ValueError(
-                f"{what} has {v.shape[0]} rows (shape {tuple(v.shape)}), expected {self._layout_str()}"
+                f"{what} has {v.shape[0]} rows (shape {tuple(v.shape)}), "
+                f"expected {self._layout_str()}"
             )
         self._check_tensor_meta(v, what)
         return v if v.ndim == 2 else v.unsqueeze(1)
@@ -513,8 +518,8 @@ class LinearOperator:
         n = len(self._param_shapes)
         if len(vs) != n:
             raise ValueError(
-                f"expected a list of {n} parameter-shaped tensors ({', '.join(self._param_names)}), "
-                f"got {len(vs)}"
+                f"expected a list of {n} parameter-shaped tensors "
+                f"({', '.join(self._param_names)}), got {len(vs)}"
             )
         batched: bool | None = None
         k = 1
@@ -526,15 +531,19 @@ class LinearOperator:
                     batched = False
                 elif t.ndim == len(s) + 1 and t.shape[:-1] == s:
                     batched, k = True, t.shape[-1]
-            expected = s if not batched else torch.Size((*s, k))
+            if batched is None:
+                batch_form = "(" + ", ".join([*(str(d) for d in s), "K"]) + ")"
+                raise ValueError(
+                    f"{label} has shape {_shape_str(t.shape)}, expected {_shape_str(s)} "
+                    f"(or {batch_form} for a batch of K vectors)"
+                )
+            expected = torch.Size((*s, k)) if batched else s
             if t.shape != expected:
-                extra = "" if batched else f" (or {_shape_str((*s, 'K'))[:-1]}) for a batch)"
                 raise ValueError(
                     f"{label} has shape {_shape_str(t.shape)}, expected {_shape_str(expected)}"
-                    + (extra if batched is None else "")
+                    + (f" (batch size K = {k} from the first tensor)" if batched else "")
                 )
             self._check_tensor_meta(t, label)
-        assert batched is not None
         mat = flatten_params(list(vs), batched=True) if batched else flatten_params(list(vs))
         return (mat if batched else mat.unsqueeze(1)), batched
 
@@ -585,9 +594,7 @@ class LinearOperator:
             )
         return mat if batched else mat[:, 0]
 
-    def unflatten(
-        self, flat: Tensor, *, as_dict: bool = False
-    ) -> list[Tensor] | dict[str, Tensor]:
+    def unflatten(self, flat: Tensor, *, as_dict: bool = False) -> list[Tensor] | dict[str, Tensor]:
         """Split a flat ``(P,)``/``(P, K)`` tensor into this operator's parameter form.
 
         Args:
@@ -636,7 +643,11 @@ class LinearOperator:
             f"{type(self).__name__} @ {type(other).__name__} is not supported: expected a "
             "torch.Tensor (P,) or (P, K), a list/tuple of parameter-shaped tensors, a dict "
             "{name: tensor}, or a LinearOperator"
-            + ("; convert NumPy arrays with torch.from_numpy" if isinstance(other, np.ndarray) else "")
+            + (
+                "; convert NumPy arrays with torch.from_numpy"
+                if isinstance(other, np.ndarray)
+                else ""
+            )
         )
 
     def __rmatmul__(self, other: Any) -> Tensor:
@@ -653,9 +664,7 @@ class LinearOperator:
                     f"left operand has shape {tuple(other.shape)}, expected (K, {self._shape[1]})"
                 )
             return (self.T @ other.mT).mT
-        raise ValueError(
-            f"left operand must have shape (P,) or (K, P), got {tuple(other.shape)}"
-        )
+        raise ValueError(f"left operand must have shape (P,) or (K, P), got {tuple(other.shape)}")
 
     # ------------------------------------------------------------------ algebra
 
@@ -676,15 +685,20 @@ class LinearOperator:
         return SumOperator([self, self._check_operand(other, "+")])
 
     def __radd__(self, other: Any) -> LinearOperator:
-        self._check_operand(other, "+")  # always raises: other is not a LinearOperator here
-        raise AssertionError("unreachable")  # pragma: no cover
+        # Only reached for a left operand that is not a LinearOperator.
+        raise TypeError(
+            f"unsupported operand for +: {type(other).__name__} and {type(self).__name__} "
+            "(expected a LinearOperator; use alpha * IdentityOperator(P) for a multiple of I)"
+        )
 
     def __sub__(self, other: Any) -> LinearOperator:
         return SumOperator([self, ScaledOperator(self._check_operand(other, "-"), -1.0)])
 
     def __rsub__(self, other: Any) -> LinearOperator:
-        self._check_operand(other, "-")
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise TypeError(
+            f"unsupported operand for -: {type(other).__name__} and {type(self).__name__} "
+            "(expected a LinearOperator)"
+        )
 
     def __mul__(self, alpha: Any) -> LinearOperator:
         if isinstance(alpha, LinearOperator):
@@ -858,7 +872,9 @@ def _merge_operands(ops: Sequence[Any], what: str) -> tuple[list[torch.Size], li
         raise ValueError(f"{what} needs at least one operator")
     for i, op in enumerate(ops):
         if not isinstance(op, LinearOperator):
-            raise TypeError(f"{what} operands must be LinearOperators, operand {i} is {type(op).__name__}")
+            raise TypeError(
+                f"{what} operands must be LinearOperators, operand {i} is {type(op).__name__}"
+            )
     first = ops[0]
     layout: LinearOperator = first
     for i, op in enumerate(ops[1:], start=1):
@@ -908,7 +924,9 @@ class SumOperator(LinearOperator):
 
     def __init__(self, operators: Sequence[LinearOperator]) -> None:
         if not isinstance(operators, list | tuple):
-            raise TypeError(f"operators must be a list of LinearOperators, got {type(operators).__name__}")
+            raise TypeError(
+                f"operators must be a list of LinearOperators, got {type(operators).__name__}"
+            )
         shapes, names = _merge_operands(operators, "SumOperator")
         terms: list[LinearOperator] = []
         for op in operators:
@@ -946,7 +964,7 @@ class SumOperator(LinearOperator):
             return self
         return SumOperator([op.T for op in self._terms])
 
-    def diag(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
+    def diag(self, chunk_size: int | None = None) -> Tensor:
         out = self._terms[0].diag(chunk_size)
         for op in self._terms[1:]:
             out = out + op.diag(chunk_size)
@@ -1007,7 +1025,7 @@ class ScaledOperator(LinearOperator):
             return self
         return ScaledOperator(self._op.T, self._alpha)
 
-    def diag(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
+    def diag(self, chunk_size: int | None = None) -> Tensor:
         return self._alpha * self._op.diag(chunk_size)
 
     def _repr_extra(self) -> str:
@@ -1036,7 +1054,9 @@ class ProductOperator(LinearOperator):
 
     def __init__(self, operators: Sequence[LinearOperator]) -> None:
         if not isinstance(operators, list | tuple):
-            raise TypeError(f"operators must be a list of LinearOperators, got {type(operators).__name__}")
+            raise TypeError(
+                f"operators must be a list of LinearOperators, got {type(operators).__name__}"
+            )
         shapes, names = _merge_operands(operators, "ProductOperator")
         factors: list[LinearOperator] = []
         for op in operators:
@@ -1172,11 +1192,11 @@ class IdentityOperator(LinearOperator):
     def _matmat(self, M: Tensor) -> Tensor:
         return M.clone()
 
-    def to_dense(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
+    def to_dense(self, chunk_size: int | None = None) -> Tensor:
         self._chunk_size(chunk_size)
         return torch.eye(self._shape[0], dtype=self._dtype, device=self._device)
 
-    def diag(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
+    def diag(self, chunk_size: int | None = None) -> Tensor:
         self._chunk_size(chunk_size)
         return torch.ones(self._shape[0], dtype=self._dtype, device=self._device)
 
@@ -1256,10 +1276,10 @@ class DenseOperator(LinearOperator):
             symmetric=self._symmetric,
         )
 
-    def to_dense(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
+    def to_dense(self, chunk_size: int | None = None) -> Tensor:
         self._chunk_size(chunk_size)
         return self._matrix.clone()
 
-    def diag(self, chunk_size: int | None = None) -> Tensor:  # noqa: D102
+    def diag(self, chunk_size: int | None = None) -> Tensor:
         self._chunk_size(chunk_size)
         return self._matrix.diagonal().clone()

@@ -1,0 +1,118 @@
+"""Shared pieces of the curvlab optimizers: counters, RNG capture/replay, buffer snapshots.
+
+Nothing here is public API; the optimizers in :mod:`curvlab.optim` build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "RngState",
+    "check_hyper",
+    "dot64",
+    "new_counters",
+    "replay_rng",
+    "restore_buffers",
+    "rng_state",
+    "snapshot_buffers",
+    "warn_skip",
+]
+
+COUNTER_KEYS = ("forward", "backward", "jvp", "ggn_products", "steps", "skipped_steps")
+
+
+def new_counters() -> dict[str, int]:
+    """Fresh counters: ``forward``, ``backward``, ``jvp``, ``ggn_products``, ``steps``,
+    ``skipped_steps`` (all 0)."""
+    return dict.fromkeys(COUNTER_KEYS, 0)
+
+
+RngState = tuple[Tensor, list[int], list[Tensor]]
+
+
+def _cuda_devices(tensors: Sequence[Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def rng_state(tensors: Sequence[Tensor]) -> RngState:
+    """Global RNG state of the CPU and of every CUDA device holding one of ``tensors``."""
+    devices = _cuda_devices(tensors)
+    return torch.get_rng_state(), devices, [torch.cuda.get_rng_state(d) for d in devices]
+
+
+@contextlib.contextmanager
+def replay_rng(state: RngState) -> Iterator[None]:
+    """Run a block with the RNG set to ``state``; the RNG state is restored afterwards.
+
+    Used to re-run a forward pass with the dropout masks of an earlier one.
+    """
+    cpu, devices, cuda = state
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        for d, s in zip(devices, cuda, strict=True):
+            torch.cuda.set_rng_state(s, d)
+        yield
+
+
+def snapshot_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Clones of all buffers (BatchNorm running statistics), for rollback of a skipped step."""
+    return {n: b.clone() for n, b in model.named_buffers() if b is not None}
+
+
+def restore_buffers(model: nn.Module, snapshot: dict[str, Tensor]) -> None:
+    """Copy a :func:`snapshot_buffers` result back into the model's buffers."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, b in snapshot.items():
+            buffers[n].copy_(b)
+
+
+def dot64(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``sum_i <a_i, b_i>`` accumulated in float64 (a 0-dim tensor on the tensors' device)."""
+    total = None
+    for x, y in zip(a, b, strict=True):
+        d = torch.sum(x * y, dtype=torch.float64)
+        total = d if total is None else total + d
+    if total is None:
+        raise ValueError("dot64: empty sequence")
+    return total
+
+
+def warn_skip(name: str, what: str, count: int) -> None:
+    """Warn that a step was skipped because of a non-finite value."""
+    warnings.warn(
+        f"{name}: non-finite {what}; the step was skipped, parameters and optimizer state are "
+        f"unchanged (skipped steps so far: {count})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def check_hyper(name: str, value: Any, *, minimum: float | None = None,
+                strict: bool = False, allow_none: bool = False) -> float | None:
+    """Validate a real hyperparameter; raise ``TypeError``/``ValueError`` naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {value}")
+    return value
+
+
+def is_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one device sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all())
