@@ -146,8 +146,12 @@ class MiniBatchLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.epoch += 1
         return iterate_minibatches(
-            self.x, self.y, self.batch_size, shuffle=self.shuffle,
-            generator=self.generator if self.shuffle else None, drop_last=self.drop_last,
+            self.x,
+            self.y,
+            self.batch_size,
+            shuffle=self.shuffle,
+            generator=self.generator if self.shuffle else None,
+            drop_last=self.drop_last,
         )
 
     def reset(self) -> None:

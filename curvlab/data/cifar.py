@@ -30,13 +30,24 @@ __all__ = ["CIFAR10_CLASSES", "load_cifar10", "read_cifar_batch", "write_cifar_b
 
 #: CIFAR-10 class names in label order.
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_FILE = "test_batch"
-_MULTIARRAY = "numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else (
-    "numpy.core.multiarray"
+_MULTIARRAY = (
+    "numpy._core.multiarray"
+    if int(np.__version__.split(".")[0]) >= 2
+    else ("numpy.core.multiarray")
 )
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -92,11 +103,16 @@ def read_cifar_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"{path}: missing key b{key!r} (keys: {sorted(map(repr, obj))})")
 
     data, labels = get("data"), get("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
-        data.shape[1] != 3 * 32 * 32
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or (data.shape[1] != 3 * 32 * 32)
     ):
-        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else (
-            type(data).__name__
+        desc = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else (type(data).__name__)
         )
         raise ValueError(f"{path}: b'data' must be a (N, 3072) uint8 array, got {desc}")
     y = np.asarray(labels, dtype=np.int64)
@@ -207,5 +223,6 @@ def load_cifar10(
         xs = ((xs.to(torch.float64) - mean) / std).to(dtype)
     if flatten:
         xt, xs = xt.reshape(len(xt), -1), xs.reshape(len(xs), -1)
-    return as_dataset(xt, y_tr, xs, y_te, name="cifar10", num_classes=10, device=device,
-                      dtype=dtype)
+    return as_dataset(
+        xt, y_tr, xs, y_te, name="cifar10", num_classes=10, device=device, dtype=dtype
+    )

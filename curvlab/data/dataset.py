@@ -64,9 +64,7 @@ def _check_count(value: int, name: str, *, minimum: int = 0) -> int:
     return int(value)
 
 
-def _to_tensor(
-    array: Any, *, device: torch.device, dtype: torch.dtype | None
-) -> Tensor:
+def _to_tensor(array: Any, *, device: torch.device, dtype: torch.dtype | None) -> Tensor:
     """Convert a numpy array or tensor to a tensor on ``device`` (one copy at most)."""
     if isinstance(array, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -271,6 +269,12 @@ def as_dataset(
     else:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
     return Dataset(
-        xt, yt, xs, ys, name=name, num_classes=num_classes, input_shape=tuple(xt.shape[1:]),
+        xt,
+        yt,
+        xs,
+        ys,
+        name=name,
+        num_classes=num_classes,
+        input_shape=tuple(xt.shape[1:]),
         task=task,
     )

@@ -211,6 +211,12 @@ def load_mnist(
         return _uint8_images_to_tensor(x, scale=scale, device=device, dtype=dtype)
 
     return as_dataset(
-        prep(x_tr), y_tr, prep(x_te), y_te, name=_NAMES[kind], num_classes=10, device=device,
+        prep(x_tr),
+        y_tr,
+        prep(x_te),
+        y_te,
+        name=_NAMES[kind],
+        num_classes=10,
+        device=device,
         dtype=dtype,
     )

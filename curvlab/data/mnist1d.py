@@ -182,28 +182,42 @@ def make_mnist1d(
         or not all(isinstance(p, int | np.integer) for p in padding)
         or not 0 <= padding[0] <= padding[1]
     ):
-        raise ValueError(f"padding must be a pair of ints (low, high) with 0 <= low <= high, got "
-                         f"{padding!r}")
+        raise ValueError(
+            f"padding must be a pair of ints (low, high) with 0 <= low <= high, got {padding!r}"
+        )
     _check_count(max_translation, "max_translation", minimum=1)
     _check_count(final_seq_length, "final_seq_length", minimum=2)
     for name, value in (
-        ("scale_coeff", scale_coeff), ("corr_noise_scale", corr_noise_scale),
-        ("iid_noise_scale", iid_noise_scale), ("shear_scale", shear_scale),
+        ("scale_coeff", scale_coeff),
+        ("corr_noise_scale", corr_noise_scale),
+        ("iid_noise_scale", iid_noise_scale),
+        ("shear_scale", shear_scale),
     ):
         if not isinstance(value, int | float) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     rng = np.random.default_rng(_check_seed(seed))
     labels = rng.permutation(np.arange(n) % 10)
     x = _generate(
-        labels, rng, padding=(int(padding[0]), int(padding[1])), scale_coeff=scale_coeff,
-        max_translation=int(max_translation), corr_noise_scale=corr_noise_scale,
-        iid_noise_scale=iid_noise_scale, shear_scale=shear_scale,
+        labels,
+        rng,
+        padding=(int(padding[0]), int(padding[1])),
+        scale_coeff=scale_coeff,
+        max_translation=int(max_translation),
+        corr_noise_scale=corr_noise_scale,
+        iid_noise_scale=iid_noise_scale,
+        shear_scale=shear_scale,
         final_seq_length=int(final_seq_length),
     )
     x = (x - x.mean()) / x.std()
     if channel_dim:
         x = x[:, None, :]
     return as_dataset(
-        x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], name="mnist1d",
-        num_classes=10, device=device, dtype=dtype,
+        x[:n_train],
+        labels[:n_train],
+        x[n_train:],
+        labels[n_train:],
+        name="mnist1d",
+        num_classes=10,
+        device=device,
+        dtype=dtype,
     )

@@ -96,11 +96,16 @@ def subsample(
             raise ValueError(
                 f"num_{split}={k} exceeds the {x.shape[0]} {split} examples of {dataset.name!r}"
             )
-        idx = torch.as_tensor(np.sort(rng.choice(x.shape[0], size=k, replace=False)),
-                              device=x.device)
+        idx = torch.as_tensor(
+            np.sort(rng.choice(x.shape[0], size=k, replace=False)), device=x.device
+        )
         xs = x[idx]
         parts[split] = (xs, xs if y is x else y[idx])
     return Dataset(
-        *parts["train"], *parts["test"], name=dataset.name, num_classes=dataset.num_classes,
-        input_shape=dataset.input_shape, task=dataset.task,
+        *parts["train"],
+        *parts["test"],
+        name=dataset.name,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        task=dataset.task,
     )

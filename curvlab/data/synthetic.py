@@ -57,6 +57,12 @@ def make_synthetic_images(
     x = torch.randn(n, *image_shape, generator=gen, dtype=dt)
     y = torch.randint(0, k, (n,), generator=gen)
     return as_dataset(
-        x[:n_train], y[:n_train], x[n_train:], y[n_train:], name="synthetic-cifar",
-        num_classes=k, device=device, dtype=dt,
+        x[:n_train],
+        y[:n_train],
+        x[n_train:],
+        y[n_train:],
+        name="synthetic-cifar",
+        num_classes=k,
+        device=device,
+        dtype=dt,
     )

@@ -16,6 +16,7 @@ from curvlab.func.products import (
     ggn_vector_product,
     ggnvp,
     hessian_vector_product,
+    hessian_vector_products,
     hvp,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "ggn_vector_product",
     "ggnvp",
     "hessian_vector_product",
+    "hessian_vector_products",
     "hvp",
     "linearize",
     "loss_rule",

@@ -23,9 +23,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
-from curvlab.func.linearize import Linearization, linearize
+from curvlab.func.linearize import Linearization, _replay_rng, _rng_state, linearize
 from curvlab.func.losses import LossFn, LossRule, loss_rule
 from curvlab.func.params import ParamsArg, cloned_buffers, select_params
 
@@ -37,6 +38,7 @@ __all__ = [
     "ggn_vector_product",
     "ggnvp",
     "hessian_vector_product",
+    "hessian_vector_products",
     "hvp",
 ]
 
@@ -219,6 +221,94 @@ def empirical_fisher_vector_product(
     )
 
 
+def hessian_vector_products(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor,
+    vs: Sequence[Sequence[Tensor]],
+    *,
+    rule: LossRule | None = None,
+) -> list[list[Tensor]]:
+    r"""Hessian of the batch loss times each of several tangents (forward-over-reverse).
+
+    For each tangent ``v`` (a list in the order of ``params``) the parameters become
+    ``torch.autograd.forward_ad`` dual tensors :math:`(\theta, v)`; one forward and one ordinary
+    ``torch.autograd.grad`` of the loss (no ``create_graph``) then carry :math:`Hv` as the
+    tangent of the gradient. The RNG state is replayed for every tangent, so dropout draws the
+    same mask for all of them. Buffers are cloned (no side effects).
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, targets) -> scalar``.
+        params: Ordered ``{name: parameter}`` (e.g. from :func:`select_params`).
+        inputs: Model input.
+        targets: Targets.
+        vs: ``K`` tangents, each a list of parameter-shaped tensors.
+        rule: Optional loss rule whose ``check(output, targets)`` validates the first output.
+
+    Returns:
+        ``K`` products, each a list of parameter-shaped tensors.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> x, y = torch.randn(3, 2), torch.randn(3, 1)
+        >>> out = hessian_vector_products(net, torch.nn.MSELoss(), dict(net.named_parameters()),
+        ...                               x, y, [[torch.ones(1, 2), torch.ones(1)]])
+        >>> [t.shape for t in out[0]]
+        [torch.Size([1, 2]), torch.Size([1])]
+    """
+    names = list(params)
+    leaves = [p.detach().requires_grad_(True) for p in params.values()]
+    rng = _rng_state(inputs)
+    results: list[list[Tensor]] = []
+    for v in vs:
+        buffers = cloned_buffers(model)
+        try:
+            with _replay_rng(rng), torch.enable_grad(), fwad.dual_level():
+                duals = {
+                    n: fwad.make_dual(leaf, t.to(leaf.dtype))
+                    for n, leaf, t in zip(names, leaves, v, strict=True)
+                }
+                # floating targets get an explicit zero tangent: some loss backward formulas
+                # (mse_loss in torch 2.x) write into an implicit zero tangent and fail
+                dual_targets = torch.utils._pytree.tree_map(
+                    lambda t: fwad.make_dual(t, torch.zeros_like(t))
+                    if isinstance(t, Tensor) and t.is_floating_point() else t,
+                    targets,
+                )
+                out = torch.func.functional_call(model, (duals, buffers), (inputs,))
+                if rule is not None and not results:
+                    rule.check(out, targets)
+                loss = loss_fn(out, dual_targets)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                prod = []
+                for g, leaf in zip(grads, leaves, strict=True):
+                    tangent = None if g is None else fwad.unpack_dual(g).tangent
+                    prod.append(torch.zeros_like(leaf) if tangent is None else tangent.detach())
+        except (RuntimeError, NotImplementedError) as err:
+            if "forward" not in str(err).lower() and "ZeroTensor" not in str(err):
+                raise
+            prod = _functorch_hvp(model, loss_fn, names, leaves, inputs, targets, v, rng)
+        results.append(prod)
+    return results
+
+
+def _functorch_hvp(model, loss_fn, names, leaves, inputs, targets, v, rng) -> list[Tensor]:
+    """``torch.func.jvp(torch.func.grad(loss))``: fallback when forward-mode AD through the
+    ordinary backward is not available for an operation."""
+    buffers = cloned_buffers(model)
+
+    def loss_of_params(p: dict[str, Tensor]) -> Tensor:
+        return loss_fn(torch.func.functional_call(model, (p, buffers), (inputs,)), targets)
+
+    primals = {n: leaf.detach() for n, leaf in zip(names, leaves, strict=True)}
+    with _replay_rng(rng), torch.enable_grad():
+        out = hvp(loss_of_params, primals, dict(zip(names, v, strict=True)))
+    return [out[n] for n in names]
+
+
 def hessian_vector_product(
     model: nn.Module,
     loss_fn: LossFn,
@@ -229,8 +319,8 @@ def hessian_vector_product(
 ):
     r"""Hessian of the batch loss w.r.t. the selected parameters, times ``v``.
 
-    Forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad`` of the loss as a function of
-    the parameters (via ``functional_call`` on copies of the buffers).
+    Forward-over-reverse (see :func:`hessian_vector_products`): parameters carry ``v`` as
+    forward-mode tangents through one forward and one ordinary backward of the loss.
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -241,18 +331,7 @@ def hessian_vector_product(
     """
     selected, vs, as_dict = _prepare(model, params, v)
     names = list(selected)
-    primals = {n: p.detach() for n, p in selected.items()}
-    buffers = cloned_buffers(model)
-    rule = loss_rule(loss_fn)
-    checked = []
-
-    def loss_of_params(p: dict[str, Tensor]) -> Tensor:
-        out = torch.func.functional_call(model, (p, buffers), (inputs,))
-        if not checked:
-            rule.check(out, targets)
-            checked.append(True)
-        return loss_fn(out, targets)
-
-    with torch.enable_grad():
-        result = hvp(loss_of_params, primals, dict(zip(names, vs, strict=True)))
-    return _pack(names, [result[n] for n in names], as_dict)
+    (result,) = hessian_vector_products(
+        model, loss_fn, selected, inputs, targets, [vs], rule=loss_rule(loss_fn)
+    )
+    return _pack(names, result, as_dict)

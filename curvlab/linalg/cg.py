@@ -102,7 +102,7 @@ def cg(
 
     Stops when ``||r|| <= max(tol * ||b||, atol)`` (relative residual), after ``max_iter``
     iterations, on non-positive curvature, on a non-finite value, or when ``callback``
-    returns ``True``. All arithmetic is in the operator's dtype and device.
+    returns a truthy value. All arithmetic is in the operator's dtype and device.
 
     Args:
         op: Symmetric operator ``A`` of shape ``(P, P)`` (see the module docstring).

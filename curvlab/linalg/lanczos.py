@@ -295,7 +295,7 @@ def lanczos(
     generator = check_generator(generator)
     start = _check_start(v0, p, op, generator)
 
-    converged = None
+    stop_rule: Callable[[list[float], list[float], float], bool] | None = None
     if tol is not None:
         threshold = tol
 
@@ -309,7 +309,9 @@ def lanczos(
             residuals = beta * s[-1, idx].abs()
             return bool((residuals <= threshold * scale).all())
 
-    alphas, betas, rows = _run(op, p, num_iter, start, generator, True, converged)
+        stop_rule = converged
+
+    alphas, betas, rows = _run(op, p, num_iter, start, generator, True, stop_rule)
     m = len(alphas)
     if m < k:  # pragma: no cover - restarts make this unreachable
         raise RuntimeError(f"Lanczos produced only {m} < k = {k} steps")

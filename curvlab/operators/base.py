@@ -49,8 +49,8 @@ param_names=..., symmetric=...)`` and implements **exactly one of** the two prod
   hook the base class calls; override it for speed (e.g. ``torch.func.vmap`` over columns).
 * ``_matvec_list(self, vs: list[Tensor]) -> list[Tensor]`` -- ``vs`` holds one tensor per
   block with shape ``param_shapes[i]``; return the product in the same form. The base class then
-  derives ``_matmat`` by looping over the columns of ``M`` (unflatten, call, flatten). The
-  default ``_matmat`` and ``_matvec_list`` are the only derived pieces.
+  derives ``_matmat`` by looping over the columns of ``M`` (unflatten, call, flatten), and
+  ``_matvec_list`` from ``_matmat`` in the other case.
 
 Input validation and all conversions between the input forms are done by the base class
 before a hook is called; the hook's output is checked for shape, dtype and device
@@ -212,7 +212,7 @@ def unflatten(flat: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
         )
     trailing = tuple(flat.shape[1:])
     parts = torch.split(flat, sizes, dim=0)
-    return [p.reshape(*tuple(s), *trailing) for p, s in zip(parts, shapes)]
+    return [p.reshape((*tuple(s), *trailing)) for p, s in zip(parts, shapes)]
 
 
 def _check_scalar(value: Any, name: str) -> float:
@@ -1189,6 +1189,34 @@ class IdentityOperator(LinearOperator):
             symmetric=True,
         )
 
+    @classmethod
+    def like(cls, op: LinearOperator) -> IdentityOperator:
+        """Identity with the size, dtype, device and parameter layout of ``op``.
+
+        Args:
+            op: The operator to match.
+
+        Returns:
+            The matching identity operator.
+
+        Raises:
+            TypeError: if ``op`` is not a :class:`LinearOperator`.
+
+        Example:
+            >>> A = DenseOperator(torch.eye(2, dtype=torch.float64))
+            >>> (A + 0.5 * IdentityOperator.like(A)).diag()
+            tensor([1.5000, 1.5000], dtype=torch.float64)
+        """
+        if not isinstance(op, LinearOperator):
+            raise TypeError(f"op must be a LinearOperator, got {type(op).__name__}")
+        return cls(
+            op.shape[0],
+            op.dtype,
+            op.device,
+            param_shapes=op.param_shapes,
+            param_names=op.param_names,
+        )
+
     def _matmat(self, M: Tensor) -> Tensor:
         return M.clone()
 
@@ -1235,6 +1263,8 @@ class DenseOperator(LinearOperator):
             raise ValueError(f"matrix must be square (P, P), got shape {tuple(matrix.shape)}")
         if not matrix.dtype.is_floating_point:
             raise TypeError(f"matrix must have a real floating dtype, got {matrix.dtype}")
+        if symmetric is not None and not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be True, False or None, got {symmetric!r}")
         if symmetric is not False:
             eps = torch.finfo(matrix.dtype).eps
             scale = matrix.abs().max().item() if matrix.numel() else 0.0

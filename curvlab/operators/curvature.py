@@ -38,11 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.func.linearize import linearize
 from curvlab.func.losses import LossFn, LossRule, loss_rule
 from curvlab.func.params import ParamsArg, batch_size_of, cloned_buffers, select_params
 from curvlab.operators.base import LinearOperator, unflatten
 
-__all__ = ["CurvatureOperator", "as_batches"]
+__all__ = ["CurvatureOperator", "as_batches", "stack_columns"]
 
 Batch = tuple[Any, Any]
 
@@ -234,6 +235,23 @@ class CurvatureOperator(LinearOperator):
 
     def _begin_product(self) -> None:
         """Hook called before each product's data pass (e.g. to reseed a sampler)."""
+
+    def _linearized_products(
+        self, inputs: Any, targets: Any, vs: list[list[Tensor]], output_space: Any
+    ) -> tuple[Tensor, Tensor]:
+        """``J^T (output_space(output, J v))`` for each tangent, with one forward per batch.
+
+        The model is linearized once (:func:`curvlab.func.linearize`); each tangent costs one
+        tangent pass and one backward through the recorded graph.
+        """
+        lin = linearize(self.model, self._params, inputs)
+        output = lin.output.detach()
+        cols = []
+        for j, v in enumerate(vs):
+            u = lin.jvp(v)
+            r = output_space(output, u)
+            cols.append(lin.vjp(r, retain_graph=j < len(vs) - 1))
+        return stack_columns(cols), output
 
     # ------------------------------------------------------------------ helpers
 

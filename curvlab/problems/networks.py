@@ -13,6 +13,7 @@ exactly like ``nn.Linear(...)`` would.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -144,10 +145,13 @@ def sparse_init_(
             w = m.weight.view(m.weight.shape[0], -1)
             fan_out, fan_in = w.shape
             k = min(num_nonzero, fan_in)
-            scores = torch.rand(fan_out, fan_in, generator=generator)
+            dev = generator.device if generator is not None else torch.device("cpu")
+            scores = torch.rand(fan_out, fan_in, generator=generator, device=dev)
             idx = scores.argsort(dim=1)[:, :k]
-            values = std * torch.randn(fan_out, k, generator=generator, dtype=torch.float64)
-            dense = torch.zeros(fan_out, fan_in, dtype=torch.float64)
+            values = std * torch.randn(
+                fan_out, k, generator=generator, dtype=torch.float64, device=dev
+            )
+            dense = torch.zeros(fan_out, fan_in, dtype=torch.float64, device=dev)
             dense.scatter_(1, idx, values)
             w.copy_(dense)
             if m.bias is not None:
@@ -174,13 +178,13 @@ def small_mlp(
     """
     _check_positive_int(in_features, "in_features")
     _check_positive_int(out_features, "out_features")
+    _activation(activation)  # validate the name even when there are no hidden layers
     sizes = [in_features, *[_check_positive_int(h, "hidden size") for h in hidden], out_features]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b, bias=bias))
         if i < len(sizes) - 2:
             layers.append(_activation(activation))
-    _activation(activation)  # validate even without hidden layers
     net = nn.Sequential(*layers)
     return reset_parameters_(net, generator) if generator is not None else net
 
@@ -238,11 +242,9 @@ def benchmark_mlp(
         >>> import torch
         >>> net = benchmark_mlp(generator=torch.Generator().manual_seed(0))
         >>> net(torch.zeros(2, 784)).shape, sum(p.numel() for p in net.parameters())
-        (torch.Size([2, 10]), 1412260)
+        (torch.Size([2, 10]), 1413260)
     """
-    return small_mlp(
-        in_features, hidden, num_classes, activation=activation, generator=generator
-    )
+    return small_mlp(in_features, hidden, num_classes, activation=activation, generator=generator)
 
 
 def _glorot_normal_(net: nn.Module, generator: torch.Generator | None) -> None:
@@ -279,15 +281,20 @@ def cnn_3c3d(
     _check_generator(generator)
     s = _pooled(_pooled(_pooled(_check_positive_int(image_size, "image_size"))))
     net = nn.Sequential(
-        nn.Conv2d(in_channels, 64, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(in_channels, 64, 5, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(3, stride=2, padding=1),
-        nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 96, 3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(3, stride=2, padding=1),
-        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(96, 128, 3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(3, stride=2, padding=1),
         nn.Flatten(),
-        nn.Linear(128 * s * s, 512), nn.ReLU(),
-        nn.Linear(512, 256), nn.ReLU(),
+        nn.Linear(128 * s * s, 512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
         nn.Linear(256, num_classes),
     )
     _glorot_normal_(net, generator)
@@ -341,9 +348,12 @@ def basic_cifar_net(
         return layers
 
     net = nn.Sequential(
-        *block(in_channels, c1, 5, 2), nn.MaxPool2d(3, stride=2, padding=1),
-        *block(c1, c2, 5, 2), nn.AvgPool2d(3, stride=2, padding=1),
-        *block(c2, c3, 5, 2), nn.AvgPool2d(3, stride=2, padding=1),
+        *block(in_channels, c1, 5, 2),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        *block(c1, c2, 5, 2),
+        nn.AvgPool2d(3, stride=2, padding=1),
+        *block(c2, c3, 5, 2),
+        nn.AvgPool2d(3, stride=2, padding=1),
         *block(c3, c4, k, 0),
         nn.Conv2d(c4, num_classes, 1),
         nn.Flatten(),

@@ -47,7 +47,7 @@ QUADRATIC_DEEP_DIM = 100
 
 
 def quadratic_deep_eigenvalues(seed: int = 42) -> np.ndarray:
-    """The 100 eigenvalues: 90 draws ``U(0,1)`` then 10 draws ``U(30,60)`` from ``RandomState(seed)``.
+    """The 100 eigenvalues: 90 draws ``U(0,1)``, then 10 draws ``U(30,60)``, ``RandomState(seed)``.
 
     Example:
         >>> lam = quadratic_deep_eigenvalues()
@@ -91,7 +91,10 @@ class QuadraticDeepModel(nn.Module):
     """
 
     def __init__(
-        self, dim: int = QUADRATIC_DEEP_DIM, *, dtype: torch.dtype = torch.float64,
+        self,
+        dim: int = QUADRATIC_DEEP_DIM,
+        *,
+        dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
@@ -99,9 +102,7 @@ class QuadraticDeepModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.theta.shape[0]:
-            raise ValueError(
-                f"x must have shape (N, {self.theta.shape[0]}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must have shape (N, {self.theta.shape[0]}), got {tuple(x.shape)}")
         return self.theta - x
 
 
@@ -215,9 +216,14 @@ def make_quadratic_deep(
 
     Q = t(q)
     dataset = Dataset(
-        t(x_train), torch.zeros(num_train, dim, dtype=dtype, device=dev),
-        t(x_test), torch.zeros(num_test, dim, dtype=dtype, device=dev),
-        name="quadratic_deep", num_classes=None, input_shape=(dim,), task="regression",
+        t(x_train),
+        torch.zeros(num_train, dim, dtype=dtype, device=dev),
+        t(x_test),
+        torch.zeros(num_test, dim, dtype=dtype, device=dev),
+        name="quadratic_deep",
+        num_classes=None,
+        input_shape=(dim,),
+        task="regression",
     )
     return QuadraticDeepProblem(
         model=QuadraticDeepModel(dim, dtype=dtype, device=dev),

@@ -201,7 +201,7 @@ class StochasticRosenbrock:
         return (self.noise_scale * u).to(self.device)
 
     def draw_batch(self, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Fresh noise as an operator batch ``(inputs, targets)`` = ``(ε of shape (1, 1), 0 (1, 2))``."""
+        """Fresh noise as an operator batch ``(inputs, targets)``: ``ε`` (1, 1) and zeros (1, 2)."""
         eps = self.sample_eps(generator).reshape(1, 1)
         return eps, torch.zeros(1, 2, dtype=self.dtype, device=self.device)
 

@@ -112,8 +112,11 @@ TWO_D_FUNCTIONS: dict[str, TwoDFunction] = {
     "rosenbrock": TwoDFunction("rosenbrock", rosenbrock_2d, (-0.5, 1.5), ((1.0, 1.0),), 0.0),
     "beale": TwoDFunction("beale", beale, (-4.5, 4.5), ((3.0, 0.5),), 0.0),
     "branin": TwoDFunction(
-        "branin", branin, (2.5, 12.5),
-        ((-math.pi, 12.275), (math.pi, 2.275), (3 * math.pi, 2.475)), 5 / (4 * math.pi),
+        "branin",
+        branin,
+        (2.5, 12.5),
+        ((-math.pi, 12.275), (math.pi, 2.275), (3 * math.pi, 2.475)),
+        5 / (4 * math.pi),
     ),
 }
 

@@ -1,0 +1,44 @@
+"""Kronecker-factored curvature (K-FAC, KFC, EKFAC, block-tridiagonal K-FAC).
+
+Convention: a layer's parameters in homogeneous matrix form ``V = [W.reshape(out, -1) | b]``;
+with curvlab's row-major vec its curvature block is approximated by ``G ⊗ A`` (the papers'
+column-major ``A ⊗ G``), at the same scale as ``curvlab.GGN`` on the same data (see
+:mod:`curvlab.kfac.factors`).
+"""
+
+from curvlab.kfac.capture import FactorCapture, expand_conv_input
+from curvlab.kfac.factors import (
+    KroneckerFactors,
+    accumulate_factors,
+    capture_statistics,
+    cross_input_factor,
+    cross_output_factor,
+    fisher_scale,
+    input_factor,
+    kfac_factors,
+    output_factor,
+)
+from curvlab.kfac.inverse import EigenInverse, EighError, FactoredInverse, pi_tracenorm, safe_eigh
+from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+
+__all__ = [
+    "EigenInverse",
+    "EighError",
+    "FactorCapture",
+    "FactoredInverse",
+    "KFACLayer",
+    "KroneckerFactors",
+    "LayerTable",
+    "accumulate_factors",
+    "capture_statistics",
+    "cross_input_factor",
+    "cross_output_factor",
+    "expand_conv_input",
+    "find_layers",
+    "fisher_scale",
+    "input_factor",
+    "kfac_factors",
+    "output_factor",
+    "pi_tracenorm",
+    "safe_eigh",
+]

@@ -1,0 +1,209 @@
+r"""Hooks that record what K-FAC needs: layer inputs and per-example output gradients.
+
+:class:`FactorCapture` is a context manager. While it is active, a forward hook on each
+registered layer
+
+* stores the layer's *expanded input* of shape ``(N, T, fan_in)``: the input itself for a
+  Linear layer (``T`` = product of the extra dims, 1 for ``(N, in)`` inputs) and the im2col
+  patches (``F.unfold``; any stride, padding, dilation) for a Conv2d, ``T`` = number of output
+  locations; the ones column for the bias is *not* included (see
+  :func:`curvlab.kfac.factors.input_factor`);
+* registers a **tensor hook on the module output** that stores the gradient reaching that output
+  during each backward pass, reshaped to ``(N, T, out)``. Tensor hooks registered before an
+  in-place op (``nn.ReLU(inplace=True)``, ``out += identity``) still receive the gradient of the
+  layer's own output, unlike ``register_full_backward_hook``.
+
+Gradients are whatever the backward pass propagates: for the gradient of a ``'mean'`` loss they
+are per-example gradients divided by ``N``; :func:`curvlab.kfac.factors.output_factor` applies
+the scale. One backward pass appends one tensor per layer, so ``output_grads[name][k]`` of
+different layers belong to the same pass ``k`` (used for cross-layer statistics). Tensor hooks
+fire for outputs computed while the context was active, also if ``backward`` runs after exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlab.kfac.layers import KFACLayer, LayerTable
+
+__all__ = ["FactorCapture", "expand_conv_input"]
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def expand_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col patches of a Conv2d input: ``(N, T, C_in*kh*kw)``, ``T`` output locations.
+
+    Column order matches ``module.weight.reshape(out, -1)`` (channel, kernel row, kernel column),
+    so ``patches @ W.reshape(out, -1).T`` (plus bias) is the convolution output.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1)
+        >>> x = torch.randn(4, 2, 5, 5)
+        >>> p = expand_conv_input(conv, x)
+        >>> p.shape
+        torch.Size([4, 9, 18])
+        >>> y = (p @ conv.weight.reshape(3, -1).T + conv.bias).transpose(1, 2).reshape(4, 3, 3, 3)
+        >>> torch.allclose(y, conv(x), atol=1e-5)
+        True
+    """
+    if module.groups != 1:
+        raise NotImplementedError(f"expand_conv_input: groups={module.groups} is not supported")
+    if x.dim() == 3:  # unbatched (C, H, W)
+        x = x.unsqueeze(0)
+    k = _pair(module.kernel_size)
+    dil = _pair(module.dilation)
+    stride = _pair(module.stride)
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0, 0)
+        else:  # 'same' (stride 1): total padding dil*(k-1), extra on the right/bottom
+            tot = [d * (kk - 1) for d, kk in zip(dil, k, strict=True)]
+            x = F.pad(x, [tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2])
+            pad = (0, 0)
+    cols = F.unfold(x, k, dilation=dil, padding=_pair(pad), stride=stride)
+    return cols.transpose(1, 2)
+
+
+class FactorCapture:
+    """Record expanded layer inputs (forward) and output gradients (each backward pass).
+
+    Args:
+        layers: A :class:`~curvlab.kfac.layers.LayerTable` or iterable of
+            :class:`~curvlab.kfac.layers.KFACLayer`.
+        inputs: Record inputs (default ``True``).
+        output_grads: Record output gradients (default ``True``).
+
+    Attributes:
+        inputs: ``{layer name: [expanded input (N, T, fan_in) per forward call]}``.
+        output_grads: ``{layer name: [output gradient (N, T, out) per backward pass]}``.
+
+    Example:
+        >>> from curvlab.kfac.layers import find_layers
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+        >>> with FactorCapture(find_layers(net)) as cap:
+        ...     net(torch.randn(5, 3)).sum().backward()
+        >>> cap.verify()
+        >>> cap.inputs["2"][0].shape, cap.output_grads["0"][0].shape
+        (torch.Size([5, 1, 4]), torch.Size([5, 1, 4]))
+    """
+
+    def __init__(
+        self,
+        layers: LayerTable | Iterable[KFACLayer],
+        *,
+        inputs: bool = True,
+        output_grads: bool = True,
+    ) -> None:
+        self.layers: list[KFACLayer] = list(layers.layers if isinstance(layers, LayerTable)
+                                            else layers)
+        for layer in self.layers:
+            if not isinstance(layer, KFACLayer):
+                raise TypeError(f"layers must hold KFACLayer objects, got {type(layer).__name__}")
+        self.record_inputs = inputs
+        self.record_output_grads = output_grads
+        self.inputs: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+        self.output_grads: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, layer: KFACLayer):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0]
+            if self.record_inputs:
+                self.inputs[layer.name].append(self._expand_input(layer, x.detach()))
+            if self.record_output_grads and isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(self._tensor_hook(layer))
+
+        return hook
+
+    def _tensor_hook(self, layer: KFACLayer):
+        def hook(grad: Tensor) -> None:
+            self.output_grads[layer.name].append(self._expand_grad(layer, grad.detach()))
+
+        return hook
+
+    @staticmethod
+    def _expand_input(layer: KFACLayer, x: Tensor) -> Tensor:
+        if layer.kind == "conv2d":
+            return expand_conv_input(layer.module, x)
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        return x.reshape(x.shape[0], -1, x.shape[-1]).clone()
+
+    @staticmethod
+    def _expand_grad(layer: KFACLayer, g: Tensor) -> Tensor:
+        if layer.kind == "conv2d":
+            if g.dim() == 3:
+                g = g.unsqueeze(0)
+            return g.flatten(2).transpose(1, 2)
+        if g.dim() == 1:
+            g = g.unsqueeze(0)
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> FactorCapture:
+        if self._handles:
+            raise RuntimeError("FactorCapture is already active (not re-entrant)")
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the forward hooks (tensor hooks already installed stay with their graph)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        """Forget all recorded tensors."""
+        for d in (self.inputs, self.output_grads):
+            for v in d.values():
+                v.clear()
+
+    def verify(self) -> None:
+        """Raise ``RuntimeError`` naming every layer that received no statistics.
+
+        A layer whose forward hook never fired (e.g. its module is called functionally, like
+        ``nn.MultiheadAttention.out_proj``) or whose output never received a gradient cannot get
+        Kronecker factors.
+
+        Example:
+            >>> from curvlab.kfac.layers import find_layers
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+            >>> cap = FactorCapture(find_layers(net))
+            >>> cap.verify()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            RuntimeError: K-FAC layers received no statistics: '0' (no forward inputs, ...
+        """
+        missing = []
+        for layer in self.layers:
+            what = []
+            if self.record_inputs and not self.inputs[layer.name]:
+                what.append("no forward inputs")
+            if self.record_output_grads and not self.output_grads[layer.name]:
+                what.append("no output gradients")
+            if what:
+                missing.append(f"{layer.name!r} ({', '.join(what)})")
+        if missing:
+            raise RuntimeError(
+                "K-FAC layers received no statistics: " + ", ".join(missing)
+                + ". Is the module called through its forward (hooks fire only on module "
+                "calls), and does its output reach the loss? Exclude it with params=..."
+            )
+
+    @staticmethod
+    def concat(tensors: list[Tensor]) -> Tensor:
+        """Concatenate several recorded tensors along the example dimension."""
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)

@@ -1,0 +1,288 @@
+r"""Which layers K-FAC can approximate, and which parameters it cannot.
+
+K-FAC (Martens & Grosse 2015) and KFC (Grosse & Martens 2016) approximate the curvature block of
+one ``nn.Linear`` or ``nn.Conv2d`` layer by a Kronecker product. :func:`find_layers` walks a model
+and returns a :class:`LayerTable`: the supported layers (:class:`KFACLayer`) and the selected
+parameters owned by modules K-FAC does not support (BatchNorm, LayerNorm, Embedding, grouped
+convolutions, ...), which callers must treat some other way (warned about by default,
+``strict=True`` raises).
+
+Vec convention. A layer's parameters in *homogeneous matrix form* are
+``V = [W.reshape(out, -1) | b]`` of shape ``(out_dim, in_dim)`` where ``in_dim`` counts the
+bias column (``in_features + 1`` for a Linear layer with bias; ``C_in * kh * kw (+1)`` for a
+convolution). With the row-major vec used by curvlab, ``vec(V) = g ⊗ ā`` for one rank-one
+gradient ``g āᵀ``, so the layer's Kronecker block is ``G ⊗ A``; the papers (column-major vec)
+write the same matrix as ``A ⊗ G``. For a layer with bias, curvlab's flat order lists all weight
+entries and then the bias, i.e. a fixed permutation of the rows of ``vec(V)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func.params import ParamsArg, select_params
+
+__all__ = ["KFACLayer", "LayerTable", "find_layers"]
+
+LayerKind = Literal["linear", "conv2d"]
+
+
+@dataclass(frozen=True)
+class KFACLayer:
+    """One layer K-FAC approximates by a Kronecker product.
+
+    Attributes:
+        name: Qualified module name (as in ``model.named_modules()``).
+        module: The ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``) module.
+        weight: Qualified name of its weight parameter (e.g. ``"0.weight"``).
+        bias: Qualified name of its bias parameter, or ``None`` if the layer has no bias or the
+            bias is not among the selected parameters.
+        kind: ``"linear"`` or ``"conv2d"``.
+
+    Properties ``in_dim`` (rows/columns of ``A``, including the homogeneous ones column when
+    ``bias`` is set) and ``out_dim`` (rows/columns of ``G``).
+
+    Example:
+        >>> layer = find_layers(nn.Sequential(nn.Linear(3, 2))).layers[0]
+        >>> (layer.name, layer.weight, layer.bias, layer.in_dim, layer.out_dim)
+        ('0', '0.weight', '0.bias', 4, 2)
+    """
+
+    name: str
+    module: nn.Module = field(repr=False)
+    weight: str
+    bias: str | None
+    kind: LayerKind
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "conv2d"):
+            raise ValueError(f"KFACLayer {self.name!r}: kind must be 'linear' or 'conv2d', "
+                             f"got {self.kind!r}")
+        expected = nn.Linear if self.kind == "linear" else nn.Conv2d
+        if not isinstance(self.module, expected):
+            raise TypeError(f"KFACLayer {self.name!r}: kind {self.kind!r} needs an "
+                            f"{expected.__name__}, got {type(self.module).__name__}")
+        if self.kind == "conv2d":
+            reason = _conv_unsupported_reason(self.module)
+            if reason:
+                raise NotImplementedError(f"KFACLayer {self.name!r}: {reason}")
+
+    @property
+    def weight_param(self) -> Tensor:
+        """The weight tensor."""
+        return self.module.weight
+
+    @property
+    def bias_param(self) -> Tensor | None:
+        """The bias tensor if registered (``bias`` is not ``None``), else ``None``."""
+        return self.module.bias if self.bias is not None else None
+
+    @property
+    def in_dim(self) -> int:
+        """Dimension of the input factor ``A``: fan-in (+1 for the bias column)."""
+        w = self.module.weight
+        return int(w[0].numel()) + (1 if self.bias is not None else 0)
+
+    @property
+    def out_dim(self) -> int:
+        """Dimension of the output factor ``G``: number of output units / channels."""
+        return int(self.module.weight.shape[0])
+
+    @property
+    def param_names(self) -> list[str]:
+        """Registered parameter names, weight first."""
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def to_matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Homogeneous matrix form ``[W.reshape(out, -1) | b]`` (leading batch dims allowed).
+
+        ``weight`` has shape ``(*batch, *W.shape)``; ``bias`` ``(*batch, out)`` and is required
+        exactly when the layer registers a bias.
+
+        Example:
+            >>> layer = find_layers(nn.Sequential(nn.Linear(2, 1))).layers[0]
+            >>> layer.to_matrix(torch.ones(1, 2), torch.zeros(1))
+            tensor([[1., 1., 0.]])
+        """
+        wshape = self.module.weight.shape
+        nb = weight.dim() - len(wshape)
+        if nb < 0 or tuple(weight.shape[nb:]) != tuple(wshape):
+            raise ValueError(f"layer {self.name!r}: weight must have shape (*batch, "
+                             f"{tuple(wshape)}), got {tuple(weight.shape)}")
+        m = weight.reshape(*weight.shape[:nb], wshape[0], -1)
+        if self.bias is None:
+            if bias is not None:
+                raise ValueError(f"layer {self.name!r} has no registered bias, got one")
+            return m
+        if bias is None or tuple(bias.shape) != (*weight.shape[:nb], wshape[0]):
+            raise ValueError(f"layer {self.name!r}: bias of shape "
+                             f"{(*weight.shape[:nb], wshape[0])} required")
+        return torch.cat([m, bias.unsqueeze(-1)], dim=-1)
+
+    def from_matrix(self, m: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`to_matrix`: ``(weight, bias or None)`` (leading batch dims allowed).
+
+        Example:
+            >>> layer = find_layers(nn.Sequential(nn.Linear(2, 1))).layers[0]
+            >>> [t.shape for t in layer.from_matrix(torch.zeros(1, 3))]
+            [torch.Size([1, 2]), torch.Size([1])]
+        """
+        wshape = self.module.weight.shape
+        if tuple(m.shape[-2:]) != (self.out_dim, self.in_dim):
+            raise ValueError(f"layer {self.name!r}: matrix must end in shape "
+                             f"{(self.out_dim, self.in_dim)}, got {tuple(m.shape)}")
+        batch = m.shape[:-2]
+        if self.bias is None:
+            return m.reshape(*batch, *wshape), None
+        return m[..., :-1].reshape(*batch, *wshape), m[..., -1]
+
+
+def _conv_unsupported_reason(mod: nn.Conv2d) -> str:
+    if mod.groups != 1:
+        return (f"grouped convolution (groups={mod.groups}) is not implemented in curvlab.kfac "
+                "(its Kronecker block would be block-diagonal over groups)")
+    if mod.padding_mode != "zeros":
+        return f"padding_mode={mod.padding_mode!r} is not supported (only 'zeros')"
+    if isinstance(mod.padding, str) and mod.padding not in ("valid", "same"):
+        return f"padding={mod.padding!r} is not supported"
+    return ""
+
+
+@dataclass
+class LayerTable:
+    """Result of :func:`find_layers`.
+
+    Attributes:
+        layers: Supported layers in module order.
+        unsupported: ``{module_name: [selected parameter names it owns]}`` for every module
+            holding selected parameters that K-FAC cannot approximate.
+        reasons: ``{module_name: why it is unsupported}``.
+
+    ``str(table)`` is a registration table (one row per module).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     table = find_layers(net)
+        >>> [l.name for l in table.layers], table.unsupported
+        (['0', '2'], {'1': ['1.weight', '1.bias']})
+    """
+
+    layers: list[KFACLayer]
+    unsupported: dict[str, list[str]]
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def param_names(self) -> list[str]:
+        """All parameter names registered with a supported layer."""
+        return [n for layer in self.layers for n in layer.param_names]
+
+    def __getitem__(self, name: str) -> KFACLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no registered K-FAC layer named {name!r}")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __str__(self) -> str:
+        rows = [("module", "type", "status", "A dim", "G dim", "parameters")]
+        for layer in self.layers:
+            rows.append((layer.name or "<root>", type(layer.module).__name__,
+                         f"K-FAC {layer.kind}", str(layer.in_dim), str(layer.out_dim),
+                         ", ".join(layer.param_names)))
+        for name, params in self.unsupported.items():
+            rows.append((name or "<root>", self.reasons.get(name, "?").split(":")[0],
+                         "UNSUPPORTED", "-", "-", ", ".join(params)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def find_layers(model: nn.Module, params: ParamsArg = None, *, strict: bool = False) -> LayerTable:
+    """Register the K-FAC layers of ``model`` among the selected parameters.
+
+    A ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``, zero padding) is registered when its weight
+    is selected; its bias is registered when selected too. A selected bias whose weight is not
+    selected, and every selected parameter owned by any other module, is *unsupported*.
+
+    Args:
+        model: The network.
+        params: Parameter selection as in :func:`curvlab.func.select_params` (default: all
+            parameters with ``requires_grad=True``).
+        strict: Raise instead of warning when some selected parameters are unsupported.
+
+    Returns:
+        A :class:`LayerTable`.
+
+    Raises:
+        ValueError: with ``strict=True`` if any selected parameter is unsupported (the
+            modules and parameters are named), or if no layer is supported at all.
+
+    Example:
+        >>> print(find_layers(nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))))
+        module  type    status        A dim  G dim  parameters
+        ------  ------  ------------  -----  -----  ----------------
+        0       Linear  K-FAC linear  4      2      0.weight, 0.bias
+        2       Linear  K-FAC linear  3      1      2.weight, 2.bias
+    """
+    selected = select_params(model, params)
+    by_id = {id(p): n for n, p in selected.items()}
+    layers: list[KFACLayer] = []
+    unsupported: dict[str, list[str]] = {}
+    reasons: dict[str, str] = {}
+    claimed: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        own = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if id(p) in by_id]
+        if not own:
+            continue
+        names = {pn: by_id[id(p)] for pn, p in own}
+        reason = ""
+        if isinstance(mod, nn.Linear | nn.Conv2d):
+            if isinstance(mod, nn.Conv2d):
+                reason = _conv_unsupported_reason(mod)
+            if not reason and "weight" in names:
+                kind: LayerKind = "linear" if isinstance(mod, nn.Linear) else "conv2d"
+                layer = KFACLayer(mod_name, mod, names["weight"], names.get("bias"), kind)
+                layers.append(layer)
+                claimed.update(layer.param_names)
+                continue
+            if not reason:
+                reason = f"{type(mod).__name__}: bias selected without its weight"
+            else:
+                reason = f"{type(mod).__name__}: {reason}"
+        else:
+            reason = f"{type(mod).__name__}: no Kronecker-factored rule for this module type"
+        unsupported[mod_name] = [names[pn] for pn, _ in own]
+        reasons[mod_name] = reason
+    # parameters registered on no module (should not happen) are reported as well
+    leftover = [n for n in selected if n not in claimed
+                and not any(n in v for v in unsupported.values())]
+    if leftover:
+        unsupported["<unknown>"] = leftover
+        reasons["<unknown>"] = "parameters not found on any module"
+    table = LayerTable(layers, unsupported, reasons)
+    if unsupported:
+        detail = "; ".join(f"{m or '<root>'} ({reasons[m]}): {', '.join(ps)}"
+                           for m, ps in unsupported.items())
+        if strict:
+            raise ValueError(f"K-FAC does not support these modules/parameters: {detail}")
+        warnings.warn(f"K-FAC does not support these modules/parameters, they get no "
+                      f"Kronecker block: {detail}", stacklevel=2)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no nn.Linear/nn.Conv2d layer with a selected "
+                         "weight; K-FAC has nothing to approximate")
+    return table

@@ -1,0 +1,41 @@
+"""Matrix-free linear operators: the algebra base and the data-set curvature matrices.
+
+* :mod:`curvlab.operators.base` -- :class:`LinearOperator` (``@`` on flat/matrix/list/dict,
+  ``+``, ``-``, scalar ``*``, ``.T``, ``to_dense``, ``to_scipy``) and simple operators.
+* :class:`Hessian`, :class:`GGN`, :class:`Fisher` (Monte-Carlo), :class:`EmpiricalFisher` --
+  curvature of a loss over a data set (:mod:`curvlab.operators.curvature` for data handling and
+  the mean/sum convention).
+"""
+
+from curvlab.operators.base import (
+    AdjointOperator,
+    DenseOperator,
+    IdentityOperator,
+    LinearOperator,
+    ProductOperator,
+    ScaledOperator,
+    SumOperator,
+    flatten_params,
+    unflatten,
+)
+from curvlab.operators.curvature import CurvatureOperator
+from curvlab.operators.fisher import EmpiricalFisher, Fisher
+from curvlab.operators.ggn import GGN
+from curvlab.operators.hessian import Hessian
+
+__all__ = [
+    "GGN",
+    "AdjointOperator",
+    "CurvatureOperator",
+    "DenseOperator",
+    "EmpiricalFisher",
+    "Fisher",
+    "Hessian",
+    "IdentityOperator",
+    "LinearOperator",
+    "ProductOperator",
+    "ScaledOperator",
+    "SumOperator",
+    "flatten_params",
+    "unflatten",
+]

@@ -1,0 +1,14 @@
+"""Second-order and baseline optimizers with one step interface.
+
+Every optimizer: ``opt = Opt(model, loss_fn, **hyper)``; ``loss = opt.step(inputs, targets)``
+does the whole step and returns the mini-batch loss before the update (0-dim, detached);
+``opt.counters`` counts forwards, backwards, Jacobian products, steps and skipped steps;
+``state_dict()`` / ``load_state_dict()`` resume bit-exactly.
+"""
+
+from curvlab.optim.curveball import CurveBall, ResidualModel
+
+__all__ = [
+    "CurveBall",
+    "ResidualModel",
+]

@@ -1,0 +1,145 @@
+"""First-order and quasi-Newton baselines from ``torch.optim`` behind the curvlab step interface.
+
+``TorchOptimizer(model, loss_fn, torch.optim.SGD, lr=..., momentum=...)`` wraps any
+``torch.optim.Optimizer``; closure-based ones (``torch.optim.LBFGS``) get a closure that
+recomputes the loss on the same mini-batch. The loss is whatever ``loss_fn`` returns (mean or
+sum as the loss defines it); weight decay is the wrapped optimizer's own ``weight_decay``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func import select_params
+from curvlab.func.params import ParamsArg
+from curvlab.optim._common import (
+    new_counters,
+    restore_buffers,
+    snapshot_buffers,
+    warn_skip,
+)
+
+__all__ = ["TorchOptimizer"]
+
+
+class _NonFinite(Exception):
+    pass
+
+
+class TorchOptimizer:
+    """A ``torch.optim`` optimizer with ``loss = opt.step(inputs, targets)`` and counters.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, target) -> scalar``.
+        optimizer_cls: A ``torch.optim.Optimizer`` subclass (SGD, Adam, LBFGS, ...).
+        params: Parameter selection (default: all trainable parameters).
+        **kwargs: Passed to ``optimizer_cls``.
+
+    A non-finite loss or gradient skips the step (parameters, buffers and optimizer state
+    untouched) with a warning. For LBFGS only the first evaluation of a step is checked;
+    ``counters["forward"]`` counts every closure evaluation.
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> net = torch.nn.Linear(3, 1)
+        >>> opt = TorchOptimizer(net, torch.nn.MSELoss(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> first = opt.step(x, y)
+        >>> opt.counters["steps"], opt.counters["backward"]
+        (1, 1)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        optimizer_cls: type[torch.optim.Optimizer],
+        *,
+        params: ParamsArg = None,
+        **kwargs: Any,
+    ) -> None:
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise TypeError(
+                f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
+            )
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = select_params(model, params)
+        self.optimizer = optimizer_cls(list(self.params.values()), **kwargs)
+        self.closure_based = isinstance(self.optimizer, torch.optim.LBFGS)
+        self.counters = new_counters()
+
+    def _loss(self, inputs: Any, targets: Tensor) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.model(inputs), targets)
+        self.counters["forward"] += 1
+        return loss
+
+    def step(self, inputs: Any, targets: Tensor) -> Tensor:
+        """One optimizer step on the mini-batch; returns the loss before the update."""
+        buffers = snapshot_buffers(self.model)
+        if self.closure_based:
+            first: list[Tensor] = []
+
+            def closure() -> Tensor:
+                with torch.enable_grad():
+                    loss = self._loss(inputs, targets)
+                    if not first and not math.isfinite(float(loss)):
+                        first.append(loss.detach())
+                        raise _NonFinite
+                    loss.backward()
+                self.counters["backward"] += 1
+                if not first:
+                    first.append(loss.detach())
+                return loss
+
+            try:
+                self.optimizer.step(closure)
+            except _NonFinite:
+                return self._skip(buffers, first[0], "loss")
+            self.counters["steps"] += 1
+            return first[0]
+
+        with torch.enable_grad():
+            loss = self._loss(inputs, targets)
+            if not math.isfinite(float(loss)):
+                return self._skip(buffers, loss.detach(), "loss")
+            loss.backward()
+        self.counters["backward"] += 1
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return self._skip(buffers, loss.detach(), "gradient")
+        self.optimizer.step()
+        self.counters["steps"] += 1
+        return loss.detach()
+
+    def _skip(self, buffers: dict[str, Tensor], loss: Tensor, what: str) -> Tensor:
+        restore_buffers(self.model, buffers)
+        self.optimizer.zero_grad(set_to_none=False)
+        self.counters["skipped_steps"] += 1
+        warn_skip(f"TorchOptimizer({type(self.optimizer).__name__})", what,
+                  self.counters["skipped_steps"])
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus counters."""
+        import copy
+
+        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.counters = dict(state["counters"])
+
+    def __repr__(self) -> str:
+        return f"TorchOptimizer({type(self.optimizer).__name__}, {self.optimizer.defaults})"

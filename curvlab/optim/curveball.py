@@ -1,0 +1,448 @@
+r"""CurveBall (Henriques, Ehrhardt, Albanie & Vedaldi, ICCV 2019): one curvature step per iteration.
+
+Math (one global vector over all selected parameters, flat order of
+:mod:`curvlab.func.params`). With model output :math:`\hat y = m(w)`, loss :math:`L(\hat y)` in
+the reduction the loss function uses (``'mean'`` divides by the batch size as in the reference
+code), :math:`J = \partial\hat y/\partial w`, :math:`H_L = \partial^2 L/\partial\hat y^2`,
+gradient :math:`g = J^\top\nabla_{\hat y}L + \eta w` and damped Gauss-Newton matrix
+:math:`\hat H = J^\top H_L J + (\lambda + \eta) I` (``η`` = ``weight_decay``, an ℓ2 term
+:math:`\tfrac\eta2\lVert w\rVert^2` in gradient *and* curvature), each step does
+
+.. math::
+
+    \Delta z = \hat H z + g,\qquad z \leftarrow \rho z - \beta\,\Delta z,\qquad
+    w \leftarrow w + \mathrm{lr}\; z .
+
+:math:`\Delta z` comes out of ONE backward pass, :math:`J^\top(H_L J z + \nabla_{\hat y}L)`
+(the gradient is part of the same vector-Jacobian product). ``ρ`` and ``β`` minimise the
+quadratic model :math:`\hat f(s) = g^\top s + \tfrac12 s^\top\hat H s` over
+``s = ρz − βΔz``: with :math:`u = Jz`, :math:`v = J\Delta z` (a second tangent through the
+same linearization, no second forward),
+
+.. math::
+
+    A = \begin{bmatrix} v^\top H_L v + \mu\,\Delta z^\top\Delta z & u^\top H_L v + \mu\,
+    \Delta z^\top z\\ \cdot & u^\top H_L u + \mu\, z^\top z\end{bmatrix},\quad
+    b = \begin{bmatrix} g^\top\Delta z\\ g^\top z\end{bmatrix},\quad
+    \begin{bmatrix}\beta\\-\rho\end{bmatrix} = A^{+} b
+
+(``μ = λ + η``), solved in float64 with a pseudo-inverse, so at ``z = 0`` it gives the Cauchy
+step ``ρ = 0``, ``β = gᵀg / gᵀĤg``. A user-fixed ``ρ`` or ``β`` is never overwritten; if only
+one is fixed the other is the 1-D minimiser given it.
+
+λ (Levenberg–Marquardt style, reference semantics): on steps with ``count % lambda_interval ==
+0`` (``count`` starts at 0), after the update,
+:math:`\gamma = (f(w_{new}) - f(w_{old}))/M` on the *same* mini-batch, with the predicted change
+:math:`M = \hat f(\mathrm{lr}\,z_{new}) - \hat f(0)` (equals the reference
+:math:`-\tfrac12(\beta b_1 - \rho b_2)` for ``lr = 1`` and automatic ``ρ, β``); with
+``ω = lambda_factor ** lambda_interval``: ``γ < θ_low ⇒ λ ← λ/ω``, ``γ > θ_high ⇒ λ ← λω``.
+``f`` includes the ℓ2 term. The re-evaluation forward replays the RNG state of the step's
+forward (same dropout masks) and does not update BatchNorm running statistics; BatchNorm in
+train mode normalises with batch statistics and is differentiated through them (as the MATLAB
+original does).
+
+Choices where the references disagree (see ``papers/curveball.md``):
+
+* initial ``lambd = 1.0`` (MATLAB ``CurveBall.m`` and the PyTorch examples' CLI; the PyTorch
+  constructor uses 10, the README's no-BN example passes 10);
+* λ adaptation applies to every loss (MATLAB restricts it to ``'logistic'``); turn it off with
+  ``auto_lambda=False`` (the toy-problem configurations do);
+* a non-finite loss, ``Δz``, ``A`` or ``b`` skips the step (MATLAB zeroes non-finite ρ/β);
+* ``(β, −ρ)`` from ``pinv`` (PyTorch port) rather than MATLAB's ``A \\ b``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func import linearize, loss_rule, select_params
+from curvlab.func.params import ParamsArg
+from curvlab.optim._common import (
+    check_hyper,
+    dot64,
+    is_finite,
+    new_counters,
+    replay_rng,
+    restore_buffers,
+    rng_state,
+    snapshot_buffers,
+    warn_skip,
+)
+
+__all__ = ["CurveBall", "ResidualModel"]
+
+
+class ResidualModel(nn.Module):
+    r"""Wrap ``residual_fn(params, inputs) -> r`` as a module whose output is ``r`` as ``(1, m)``.
+
+    With ``nn.MSELoss(reduction="sum")`` against zero targets the loss is
+    :math:`f = \lVert r\rVert^2` (no ½) and :math:`H_L = 2I`, the least-squares form CurveBall
+    uses for Rosenbrock. The given tensors are wrapped as ``nn.Parameter`` sharing storage, so
+    in-place updates are visible to the caller. ``inputs`` carries per-step data such as the
+    noise ``ε`` (drawn once per step by the caller and reused within the step).
+
+    Example:
+        >>> def res(p, eps):
+        ...     u, v = p[0]
+        ...     return torch.stack([1 - u, 10 * (v - u**2)])
+        >>> m = ResidualModel(res, [torch.tensor([0.0, 0.0])])
+        >>> m(None)
+        tensor([[1., 0.]], grad_fn=<...>)
+    """
+
+    def __init__(self, residual_fn: Callable[[list[Tensor], Any], Tensor],
+                 params: Sequence[Tensor]) -> None:
+        super().__init__()
+        if not callable(residual_fn):
+            raise TypeError(f"residual_fn must be callable, got {type(residual_fn).__name__}")
+        if isinstance(params, Tensor) or not isinstance(params, Sequence) or not params:
+            raise TypeError("params must be a non-empty list/tuple of tensors")
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor) or not p.is_floating_point():
+                raise TypeError(f"params[{i}] must be a floating-point tensor")
+        self.residual_fn = residual_fn
+        self.params = nn.ParameterList(
+            [p if isinstance(p, nn.Parameter) else nn.Parameter(p) for p in params]
+        )
+
+    def forward(self, inputs: Any) -> Tensor:
+        r = self.residual_fn(list(self.params), inputs)
+        if not isinstance(r, Tensor):
+            raise TypeError(f"residual_fn must return a tensor, got {type(r).__name__}")
+        return r.reshape(1, -1)
+
+
+class CurveBall:
+    r"""The CurveBall optimizer (see the module docstring for the exact update).
+
+    Args:
+        model: The network; its output must be a single tensor the loss accepts.
+        loss_fn: ``loss_fn(output, target) -> scalar``; ``CrossEntropyLoss``, ``MSELoss``,
+            ``BCEWithLogitsLoss`` use closed-form ``H_L`` (``curvlab.func.loss_rule``), others
+            autodiff.
+        lr: Outer step size ``w ← w + lr·z`` (1 in the paper's runs; 0.5 for Rosenbrock).
+        lambd: Initial damping ``λ >= 0``.
+        momentum: ``ρ``; ``None`` = automatic each step (2×2 system), a number fixes it.
+        beta: ``β``; ``None`` = automatic, a number fixes it.
+        auto_lambda: Adapt ``λ`` by the ratio test every ``lambda_interval`` steps.
+        lambda_interval, lambda_factor, lambda_thresholds: ``T``, ``ω₁`` and ``(θ_low, θ_high)``.
+        weight_decay: ``η`` of the ℓ2 term ``(η/2)‖w‖²`` (gradient ``ηw``, curvature ``ηI``).
+        params: Parameter selection (see :func:`curvlab.func.select_params`); default all
+            trainable parameters.
+        engine: Linearization engine passed to :func:`curvlab.func.linearize`.
+
+    Counters (``opt.counters``): ``forward`` (model forwards, including the λ test), ``jvp``,
+    ``backward``, ``ggn_products`` (1 per step: ``Ĥz``), ``steps``, ``skipped_steps``.
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> opt = CurveBall(net, torch.nn.CrossEntropyLoss())
+        >>> losses = [opt.step(x, y).item() for _ in range(20)]
+        >>> losses[-1] < losses[0]
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        *,
+        lr: float = 1.0,
+        lambd: float = 1.0,
+        momentum: float | None = None,
+        beta: float | None = None,
+        auto_lambda: bool = True,
+        lambda_interval: int = 5,
+        lambda_factor: float = 0.999,
+        lambda_thresholds: tuple[float, float] = (0.5, 1.5),
+        weight_decay: float = 0.0,
+        params: ParamsArg = None,
+        engine: str = "auto",
+    ) -> None:
+        self.params = select_params(model, params)
+        self.model = model
+        self.rule = loss_rule(loss_fn)
+        self.loss_fn = loss_fn
+        self.lr = check_hyper("lr", lr, minimum=0.0, strict=True)
+        self.lambd = check_hyper("lambd", lambd, minimum=0.0)
+        self.momentum = check_hyper("momentum", momentum, allow_none=True)
+        self.beta = check_hyper("beta", beta, allow_none=True)
+        if not isinstance(auto_lambda, bool):
+            raise TypeError(f"auto_lambda must be a bool, got {type(auto_lambda).__name__}")
+        self.auto_lambda = auto_lambda
+        if isinstance(lambda_interval, bool) or not isinstance(lambda_interval, int) \
+                or lambda_interval < 1:
+            raise ValueError(f"lambda_interval must be an int >= 1, got {lambda_interval!r}")
+        self.lambda_interval = lambda_interval
+        self.lambda_factor = check_hyper("lambda_factor", lambda_factor, minimum=0.0, strict=True)
+        if self.lambda_factor > 1.0:
+            raise ValueError(f"lambda_factor must be in (0, 1], got {lambda_factor}")
+        if not isinstance(lambda_thresholds, Sequence) or len(lambda_thresholds) != 2:
+            raise ValueError(
+                f"lambda_thresholds must be a pair (low, high), got {lambda_thresholds!r}"
+            )
+        low = check_hyper("lambda_thresholds[0]", lambda_thresholds[0])
+        high = check_hyper("lambda_thresholds[1]", lambda_thresholds[1])
+        if low > high:
+            raise ValueError(f"lambda_thresholds must satisfy low <= high, got {lambda_thresholds}")
+        self.lambda_thresholds = (low, high)
+        self.weight_decay = check_hyper("weight_decay", weight_decay, minimum=0.0)
+        if engine not in ("auto", "layerwise", "functional"):
+            raise ValueError(f"engine must be 'auto', 'layerwise' or 'functional', got {engine!r}")
+        self.engine = engine
+        self._residual = isinstance(model, ResidualModel)
+        self.z = [torch.zeros_like(p) for p in self.params.values()]
+        self.count = 0
+        self.counters = new_counters()
+        #: Diagnostics of the last step: rho, beta, lambd, M, ratio (None when not computed).
+        self.last: dict[str, float | None] = {
+            "rho": None, "beta": None, "lambd": self.lambd, "predicted_change": None,
+            "ratio": None,
+        }
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def for_residuals(
+        cls, residual_fn: Callable[[list[Tensor], Any], Tensor], params: Sequence[Tensor],
+        **kwargs: Any,
+    ) -> CurveBall:
+        r"""CurveBall on :math:`f(w) = \lVert r(w)\rVert^2` for ``residual_fn(params, inputs)``.
+
+        Builds a :class:`ResidualModel` with ``nn.MSELoss(reduction="sum")`` (``H_L = 2I``)
+        and the functional linearization engine. Call ``opt.step(inputs)``: ``inputs`` (e.g.
+        the noise ``ε`` of this step) is passed to ``residual_fn`` and reused for the λ test;
+        targets default to zero.
+
+        Example:
+            >>> w = torch.tensor([-0.25, -0.25], dtype=torch.float64)
+            >>> def res(p, eps):
+            ...     u, v = p[0]
+            ...     return torch.stack([10 * eps * (v - u**2), 1 - u])
+            >>> opt = CurveBall.for_residuals(res, [w], lambd=0.1, lr=0.5, auto_lambda=False)
+            >>> for _ in range(300):
+            ...     loss = opt.step(1.0)
+            >>> bool(loss < 1e-4)
+            True
+        """
+        kwargs.setdefault("engine", "functional")
+        return cls(ResidualModel(residual_fn, params), nn.MSELoss(reduction="sum"), **kwargs)
+
+    # ------------------------------------------------------------------------------------
+    def _objective(self, out: Tensor, targets: Tensor, weights: list[Tensor]) -> Tensor:
+        loss = self.rule.value(out, targets).detach().to(torch.float64)
+        if self.weight_decay:
+            loss = loss + 0.5 * self.weight_decay * dot64(weights, weights)
+        return loss
+
+    def _solve(self, A: Tensor, b: Tensor) -> tuple[float, float]:
+        """``(ρ, β)`` from the float64 2×2 system, honouring user-fixed values."""
+        rho_fixed, beta_fixed = self.momentum, self.beta
+        if rho_fixed is None and beta_fixed is None:
+            x = torch.linalg.pinv(A) @ b
+            return -float(x[1]), float(x[0])
+        a11, a12, a22 = float(A[0, 0]), float(A[0, 1]), float(A[1, 1])
+        b1, b2 = float(b[0]), float(b[1])
+        if rho_fixed is not None and beta_fixed is not None:
+            return rho_fixed, beta_fixed
+        if rho_fixed is not None:  # minimise over beta given rho: A11 β = b1 + A12 ρ
+            return rho_fixed, ((b1 + a12 * rho_fixed) / a11 if a11 > 0 else 0.0)
+        # beta fixed: A22 (−ρ) = b2 − A12 β
+        return (-(b2 - a12 * beta_fixed) / a22 if a22 > 0 else 0.0), beta_fixed
+
+    def _products(self, lin: Any, out: Tensor, targets: Tensor, weights: list[Tensor],
+                  count: bool) -> tuple[list[Tensor], Tensor]:
+        """``Δz`` and the float64 CPU vector ``(A11, A12, A22, b1, b2)`` at the linearization."""
+        grad_out = self.rule.grad(out, targets)
+        mu = self.lambd + self.weight_decay
+        wd = self.weight_decay
+        z = self.z
+        z_is_zero = not bool(torch.stack([t.any() for t in z]).any())
+        if z_is_zero:
+            u = torch.zeros_like(out)
+            hu = u
+        else:
+            u = lin.jvp(z)
+            hu = self.rule.hessian_vp(out, targets, u)
+        dz = lin.vjp(hu + grad_out, retain_graph=False)
+        if mu or wd:
+            dz = [d + mu * zi + wd * w if wd else d + mu * zi
+                  for d, zi, w in zip(dz, z, weights, strict=True)]
+        v = lin.jvp(dz)
+        hv = self.rule.hessian_vp(out, targets, v)
+        if count:
+            self.counters["jvp"] += 1 if z_is_zero else 2
+            self.counters["backward"] += 1
+            self.counters["ggn_products"] += 1
+        entries = [
+            torch.sum(v * hv, dtype=torch.float64) + mu * dot64(dz, dz),
+            torch.sum(u * hv, dtype=torch.float64) + mu * dot64(dz, z),
+            torch.sum(u * hu, dtype=torch.float64) + mu * dot64(z, z),
+            torch.sum(grad_out * v, dtype=torch.float64),
+            torch.sum(grad_out * u, dtype=torch.float64),
+        ]
+        if wd:
+            entries[3] = entries[3] + wd * dot64(weights, dz)
+            entries[4] = entries[4] + wd * dot64(weights, z)
+        return dz, torch.stack([e.to(torch.float64) for e in entries]).cpu()
+
+    def quadratic_model(self, inputs: Any, targets: Tensor | None = None) -> dict[str, Any]:
+        r"""``Δz``, ``A``, ``b`` and the loss at the current ``w`` and ``z``, changing nothing.
+
+        Diagnostic twin of :meth:`step` (no buffer update, no counters): ``delta_z`` (list like
+        the parameters) is :math:`\hat H z + g`, ``A`` (2×2) and ``b`` (2,) the float64 system
+        of the module docstring.
+        """
+        lin = linearize(self.model, self.params, inputs, update_buffers=False,
+                        engine=self.engine)
+        out = lin.output.detach()
+        targets = self._targets(out, targets)
+        self.rule.check(out, targets)
+        weights = [p.detach() for p in self.params.values()]
+        dz, vals = self._products(lin, out, targets, weights, count=False)
+        a11, a12, a22, b1, b2 = vals.tolist()
+        return {
+            "loss": self.rule.value(out, targets).detach(),
+            "delta_z": dz,
+            "A": torch.tensor([[a11, a12], [a12, a22]], dtype=torch.float64),
+            "b": torch.tensor([b1, b2], dtype=torch.float64),
+        }
+
+    def _targets(self, out: Tensor, targets: Tensor | None) -> Tensor:
+        if targets is not None:
+            return targets
+        if not self._residual:
+            raise ValueError(
+                "CurveBall.step: targets is None; only models built by "
+                "CurveBall.for_residuals default to zero targets"
+            )
+        return torch.zeros_like(out)
+
+    def _reevaluate(self, inputs: Any, rng: Any) -> Tensor:
+        """Model output at the current parameters with the RNG (dropout masks) of ``rng`` and
+        no buffer update (BatchNorm in train mode uses batch statistics)."""
+        with replay_rng(rng):
+            lin = linearize(self.model, self.params, inputs, update_buffers=False,
+                            engine=self.engine)
+        return lin.output.detach()
+
+    def _adapt_lambda(self, ratio: float) -> None:
+        omega = self.lambda_factor**self.lambda_interval
+        low, high = self.lambda_thresholds
+        if ratio < low:
+            self.lambd = self.lambd / omega
+        elif ratio > high:
+            self.lambd = self.lambd * omega
+
+    def step(self, inputs: Any, targets: Tensor | None = None) -> Tensor:
+        """One CurveBall iteration on the mini-batch; returns the loss before the update.
+
+        The returned value is the data loss ``loss_fn(model(inputs), targets)`` (without the
+        ℓ2 term), detached, 0-dim.
+        """
+        params = list(self.params.values())
+        weights = [p.detach() for p in params]
+        buffers = snapshot_buffers(self.model)
+        rng = rng_state([*params, *[t for t in (inputs, targets) if isinstance(t, Tensor)]])
+        lin = linearize(self.model, self.params, inputs, update_buffers=True, engine=self.engine)
+        self.counters["forward"] += 1
+        out = lin.output.detach()
+        targets = self._targets(out, targets)
+        self.rule.check(out, targets)
+        loss = self.rule.value(out, targets).detach()
+        dz, vals = self._products(lin, out, targets, weights, count=True)
+        if not (math.isfinite(float(loss)) and bool(torch.isfinite(vals).all())):
+            return self._skip(buffers, loss, "loss or curvature (loss, Δz, A or b)")
+        a11, a12, a22, b1, b2 = (float(t) for t in vals)
+        A = torch.tensor([[a11, a12], [a12, a22]], dtype=torch.float64)
+        b = torch.tensor([b1, b2], dtype=torch.float64)
+        rho, beta = self._solve(A, b)
+        if not (math.isfinite(rho) and math.isfinite(beta)):
+            return self._skip(buffers, loss, "momentum/step size from the 2x2 system")
+
+        # quadratic model change of the step actually taken, s = lr (rho z - beta dz)
+        x = torch.tensor([beta, -rho], dtype=torch.float64)
+        predicted = self.lr * float(-(x @ b)) + 0.5 * self.lr**2 * float(x @ A @ x)
+
+        new_z = [rho * zi - beta * d for zi, d in zip(self.z, dz, strict=True)]
+        if not is_finite(*new_z):
+            return self._skip(buffers, loss, "update direction z")
+        lambda_test = self.auto_lambda and self.count % self.lambda_interval == 0
+        # (weights alias the parameters: evaluate the old objective before the update)
+        old_obj = float(self._objective(out, targets, weights)) if lambda_test else 0.0
+        with torch.no_grad():
+            for p, zi in zip(params, new_z, strict=True):
+                p.add_(zi, alpha=self.lr)
+        self.z = new_z
+
+        ratio = None
+        if lambda_test:
+            new_out = self._reevaluate(inputs, rng)
+            self.counters["forward"] += 1
+            new_obj = float(self._objective(new_out, targets, [p.detach() for p in params]))
+            if predicted != 0.0 and math.isfinite(new_obj):
+                ratio = (new_obj - old_obj) / predicted
+                self._adapt_lambda(ratio)
+        self.last = {"rho": rho, "beta": beta, "lambd": self.lambd,
+                     "predicted_change": predicted, "ratio": ratio}
+        self.count += 1
+        self.counters["steps"] += 1
+        return loss
+
+    def _skip(self, buffers: dict[str, Tensor], loss: Tensor, what: str) -> Tensor:
+        restore_buffers(self.model, buffers)
+        self.counters["skipped_steps"] += 1
+        warn_skip("CurveBall", what, self.counters["skipped_steps"])
+        return loss
+
+    # ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state (``z``, ``λ``, step count, counters, fixed/auto ρ and β, last
+        diagnostics); tensors are cloned."""
+        return {
+            "z": [t.clone() for t in self.z],
+            "lambd": self.lambd,
+            "count": self.count,
+            "momentum": self.momentum,
+            "beta": self.beta,
+            "counters": dict(self.counters),
+            "last": dict(self.last),
+            "param_names": list(self.params),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (parameters themselves are the model's business)."""
+        names = list(self.params)
+        if state.get("param_names") != names:
+            raise ValueError(
+                f"CurveBall.load_state_dict: state is for parameters {state.get('param_names')}, "
+                f"this optimizer has {names}"
+            )
+        z = state["z"]
+        for n, zi, p in zip(names, z, self.params.values(), strict=True):
+            if zi.shape != p.shape:
+                raise ValueError(
+                    f"CurveBall.load_state_dict: z for {n!r} has shape {tuple(zi.shape)}, "
+                    f"expected {tuple(p.shape)}"
+                )
+        self.z = [zi.clone().to(device=p.device, dtype=p.dtype)
+                  for zi, p in zip(z, self.params.values(), strict=True)]
+        self.lambd = float(state["lambd"])
+        self.count = int(state["count"])
+        self.momentum = state["momentum"]
+        self.beta = state["beta"]
+        self.counters = dict(state["counters"])
+        self.last = dict(state["last"])
+
+    def __repr__(self) -> str:
+        return (
+            f"CurveBall(lr={self.lr}, lambd={self.lambd}, momentum={self.momentum}, "
+            f"beta={self.beta}, auto_lambda={self.auto_lambda}, "
+            f"weight_decay={self.weight_decay})"
+        )

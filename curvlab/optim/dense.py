@@ -1,0 +1,239 @@
+r"""Dense Levenberg–Marquardt and BFGS for tiny problems (a handful of parameters).
+
+They play the roles of MATLAB's ``lsqnonlin('levenberg-marquardt')`` and
+``fminunc('quasi-newton', 'bfgs')`` in the CurveBall toy experiments, behind the curvlab step
+interface. Both work on the flat parameter vector (flat order of :mod:`curvlab.func.params`)
+with explicit float64 matrices; every function evaluation within a step uses the step's
+mini-batch (the MATLAB runs redrew the Rosenbrock noise at every evaluation; see
+``papers/curveball.md``). Model buffers are never modified (functional evaluation with cloned
+buffers; BatchNorm in train mode uses batch statistics).
+
+* :class:`DenseLevenbergMarquardt`: :math:`(G + \lambda I)p = -g` with the dense GGN
+  :math:`G = J^\top H_L J` (for a least-squares loss the Gauss–Newton matrix
+  :math:`2J_r^\top J_r`); accept if the loss decreases (``λ ← λ/10``), else ``λ ← 10λ`` and
+  retry, up to ``max_tries`` times per step (one step = one LM iteration).
+* :class:`DenseBFGS`: inverse-Hessian BFGS with a backtracking Armijo line search from
+  ``α = 1``; the first update rescales the initial identity by ``sᵀy/yᵀy``; updates with
+  ``sᵀy <= 1e-12`` are skipped (curvature condition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func import flatten, loss_rule, select_params, unflatten
+from curvlab.func.params import ParamsArg, cloned_buffers
+from curvlab.optim._common import check_hyper, new_counters, warn_skip
+
+__all__ = ["DenseBFGS", "DenseLevenbergMarquardt"]
+
+
+class _DenseBase:
+    name = "dense"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 params: ParamsArg, max_params: int) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = select_params(model, params)
+        self._names = list(self.params)
+        self._shapes = [p.shape for p in self.params.values()]
+        n = sum(p.numel() for p in self.params.values())
+        if n > max_params:
+            raise ValueError(
+                f"{type(self).__name__} builds dense {n}x{n} matrices; the model has {n} "
+                f"selected parameters, more than max_params={max_params}"
+            )
+        self.num_params = n
+        self.counters = new_counters()
+
+    def _w(self) -> Tensor:
+        return flatten([p.detach() for p in self.params.values()]).to(torch.float64)
+
+    def _set_w(self, w: Tensor) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params.values(), unflatten(w, self._shapes), strict=True):
+                p.copy_(v.to(p.dtype))
+
+    def _output(self, w: Tensor, inputs: Any) -> Tensor:
+        dtype = next(iter(self.params.values())).dtype
+        ps = dict(zip(self._names, unflatten(w.to(dtype), self._shapes), strict=True))
+        return torch.func.functional_call(self.model, (ps, cloned_buffers(self.model)),
+                                          (inputs,))
+
+    def _loss(self, w: Tensor, inputs: Any, targets: Tensor) -> Tensor:
+        self.counters["forward"] += 1
+        return self.loss_fn(self._output(w, inputs), targets).to(torch.float64)
+
+    def _skip(self, loss: Tensor, what: str) -> Tensor:
+        self.counters["skipped_steps"] += 1
+        warn_skip(self.name, what, self.counters["skipped_steps"])
+        return loss
+
+
+class DenseLevenbergMarquardt(_DenseBase):
+    r"""Levenberg–Marquardt on the dense Gauss–Newton matrix (tiny problems only).
+
+    Args:
+        model, loss_fn: As for every curvlab optimizer.
+        lambd: Initial damping (0.01 as MATLAB's ``lsqnonlin``).
+        factor: Damping factor on failure/success (10).
+        max_tries: Damping increases per step before giving up (parameters unchanged).
+        max_params: Refuse models with more parameters.
+
+    Example:
+        >>> from curvlab.problems.rosenbrock import StochasticRosenbrock
+        >>> prob = StochasticRosenbrock(None, x0_noise=0.0)
+        >>> opt = DenseLevenbergMarquardt(prob.make_model(), prob.loss_fn)
+        >>> batch = prob.draw_batch(None)
+        >>> losses = [float(opt.step(*batch)) for _ in range(30)]
+        >>> losses[-1] < 1e-10
+        True
+    """
+
+    name = "DenseLevenbergMarquardt"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                 lambd: float = 0.01, factor: float = 10.0, max_tries: int = 30,
+                 params: ParamsArg = None, max_params: int = 2000) -> None:
+        super().__init__(model, loss_fn, params, max_params)
+        self.rule = loss_rule(loss_fn)
+        self.lambd = check_hyper("lambd", lambd, minimum=0.0, strict=True)
+        self.factor = check_hyper("factor", factor, minimum=1.0, strict=True)
+        if not isinstance(max_tries, int) or max_tries < 1:
+            raise ValueError(f"max_tries must be an int >= 1, got {max_tries!r}")
+        self.max_tries = max_tries
+
+    def step(self, inputs: Any, targets: Tensor) -> Tensor:
+        """One LM iteration; returns the loss before the update."""
+        w = self._w()
+        out = self._output(w, inputs).detach()
+        self.counters["forward"] += 1
+        self.rule.check(out, targets)
+        loss = self.rule.value(out, targets).detach()
+        J = torch.func.jacrev(lambda v: self._output(v, inputs))(w).reshape(out.numel(), -1)
+        self.counters["jvp"] += self.num_params
+        m = out.numel()
+        eye_out = torch.eye(m, dtype=out.dtype, device=out.device)
+        HL = torch.stack([self.rule.hessian_vp(out, targets, e.reshape(out.shape)).reshape(-1)
+                          for e in eye_out]).to(torch.float64)
+        gL = self.rule.grad(out, targets).reshape(-1).to(torch.float64)
+        J = J.to(torch.float64)
+        G = J.T @ HL @ J
+        g = J.T @ gL
+        self.counters["backward"] += 1
+        if not (torch.isfinite(loss) and torch.isfinite(G).all() and torch.isfinite(g).all()):
+            return self._skip(loss, "loss or Jacobian")
+        eye = torch.eye(self.num_params, dtype=torch.float64, device=w.device)
+        f0 = float(loss)
+        for _ in range(self.max_tries):
+            p = torch.linalg.solve(G + self.lambd * eye, -g)
+            f1 = float(self._loss(w + p, inputs, targets))
+            if f1 < f0:
+                self._set_w(w + p)
+                self.lambd = max(self.lambd / self.factor, 1e-15)
+                break
+            self.lambd *= self.factor
+        self.counters["steps"] += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """``λ`` and counters."""
+        return {"lambd": self.lambd, "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.lambd = float(state["lambd"])
+        self.counters = dict(state["counters"])
+
+
+class DenseBFGS(_DenseBase):
+    """BFGS with a dense inverse-Hessian approximation and Armijo backtracking (tiny problems).
+
+    Args:
+        model, loss_fn: As for every curvlab optimizer.
+        c1: Armijo constant; ``shrink``: step shrink factor; ``max_backtracks``: per step.
+        max_params: Refuse models with more parameters.
+
+    Example:
+        >>> from curvlab.problems.rosenbrock import StochasticRosenbrock
+        >>> prob = StochasticRosenbrock(None, x0_noise=0.0)
+        >>> opt = DenseBFGS(prob.make_model(), prob.loss_fn)
+        >>> batch = prob.draw_batch(None)
+        >>> losses = [float(opt.step(*batch)) for _ in range(60)]
+        >>> losses[-1] < 1e-8
+        True
+    """
+
+    name = "DenseBFGS"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                 c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40,
+                 params: ParamsArg = None, max_params: int = 2000) -> None:
+        super().__init__(model, loss_fn, params, max_params)
+        self.c1 = check_hyper("c1", c1, minimum=0.0)
+        self.shrink = check_hyper("shrink", shrink, minimum=0.0, strict=True)
+        self.max_backtracks = max_backtracks
+        self.H: Tensor | None = None
+        self._scaled = False
+
+    def _value_and_grad(self, w: Tensor, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        w = w.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._loss(w, inputs, targets)
+            (g,) = torch.autograd.grad(loss, w)
+        self.counters["backward"] += 1
+        return loss.detach(), g
+
+    def step(self, inputs: Any, targets: Tensor) -> Tensor:
+        """One BFGS iteration (line search on the same mini-batch); returns the prior loss."""
+        w = self._w()
+        f0, g0 = self._value_and_grad(w, inputs, targets)
+        if not (torch.isfinite(f0) and torch.isfinite(g0).all()):
+            return self._skip(f0, "loss or gradient")
+        if self.H is None:
+            self.H = torch.eye(self.num_params, dtype=torch.float64, device=w.device)
+        d = -(self.H @ g0)
+        slope = float(g0 @ d)
+        if slope >= 0:  # not a descent direction: reset to steepest descent
+            self.H = torch.eye(self.num_params, dtype=torch.float64, device=w.device)
+            self._scaled = False
+            d, slope = -g0, -float(g0 @ g0)
+        alpha, accepted = 1.0, False
+        for _ in range(self.max_backtracks):
+            f1 = float(self._loss(w + alpha * d, inputs, targets))
+            if f1 <= float(f0) + self.c1 * alpha * slope:
+                accepted = True
+                break
+            alpha *= self.shrink
+        if accepted:
+            s = alpha * d
+            _, g1 = self._value_and_grad(w + s, inputs, targets)
+            y = g1 - g0
+            sy = float(s @ y)
+            if sy > 1e-12 and torch.isfinite(y).all():
+                if not self._scaled:
+                    self.H = self.H * (sy / float(y @ y))
+                    self._scaled = True
+                rho = 1.0 / sy
+                eye = torch.eye(self.num_params, dtype=torch.float64, device=w.device)
+                V = eye - rho * torch.outer(s, y)
+                self.H = V @ self.H @ V.T + rho * torch.outer(s, s)
+            self._set_w(w + s)
+        self.counters["steps"] += 1
+        return f0.to(next(iter(self.params.values())).dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Inverse-Hessian approximation and counters."""
+        return {"H": None if self.H is None else self.H.clone(), "scaled": self._scaled,
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.H = None if state["H"] is None else state["H"].clone()
+        self._scaled = bool(state["scaled"])
+        self.counters = dict(state["counters"])
