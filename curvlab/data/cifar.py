@@ -44,11 +44,9 @@ CIFAR10_CLASSES = (
 
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_FILE = "test_batch"
-_MULTIARRAY = (
-    "numpy._core.multiarray"
-    if int(np.__version__.split(".")[0]) >= 2
-    else ("numpy.core.multiarray")
-)
+_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+_MULTIARRAY = f"{_CORE}.multiarray"
+_NUMERIC = f"{_CORE}.numeric"
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -56,6 +54,8 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+    ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),  # bytes inside protocol-2 pickles written by Python 3
 }
 
@@ -71,6 +71,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
             )
         if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return getattr(importlib.import_module(_MULTIARRAY), name)
+        if module in ("numpy.core.numeric", "numpy._core.numeric"):
+            return getattr(importlib.import_module(_NUMERIC), name)
         return super().find_class(module, name)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -14,7 +16,9 @@ __all__ = ["DIGITS_NUM_EXAMPLES", "load_digits"]
 DIGITS_NUM_EXAMPLES = 1797
 
 
+@functools.cache
 def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(1797, 8, 8)`` float64 and labels, read once per process (read-only arrays)."""
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -23,7 +27,11 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
             "with `pip install curvlab[experiments]`"
         ) from err
     bunch = _load()
-    return np.asarray(bunch.images, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
+    images = np.array(bunch.images, dtype=np.float64)
+    labels = np.array(bunch.target, dtype=np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
 
 
 def load_digits(

@@ -98,13 +98,27 @@ def _interp_rows(values: np.ndarray, lengths: np.ndarray, num_points: int) -> np
     return v0 * (1.0 - frac) + v1 * frac
 
 
-def _generate(
+def _draw(
+    n: int, rng: np.random.Generator, *, padding: tuple[int, int], max_translation: int
+) -> dict[str, np.ndarray]:
+    """All random quantities of ``n`` examples (raw uniforms/normals; scales applied later)."""
+    width = MNIST1D_TEMPLATE_LENGTH + padding[1]
+    return {
+        "pad": padding[0] + np.floor(rng.random(n) * (padding[1] - padding[0] + 1)).astype(int),
+        "scale_u": rng.random(n),
+        "shift": rng.integers(0, max_translation, size=n),
+        "corr_z": rng.standard_normal((n, width)),
+        "iid_z": rng.standard_normal((n, width)),
+        "shear_u": rng.random(n),
+    }
+
+
+def _transform(
     labels: np.ndarray,
-    rng: np.random.Generator,
+    draws: dict[str, np.ndarray],
     *,
     padding: tuple[int, int],
     scale_coeff: float,
-    max_translation: int,
     corr_noise_scale: float,
     iid_noise_scale: float,
     shear_scale: float,
@@ -116,16 +130,15 @@ def _generate(
     width = tl + padding[1]
     signal = np.zeros((n, width))
     signal[:, :tl] = mnist1d_templates()[labels] + 1e-8
-    pad = padding[0] + np.floor(rng.random(n) * (padding[1] - padding[0] + 1)).astype(np.int64)
-    x = _interp_rows(signal, tl + pad, width)  # dilate
-    x *= 1.0 + scale_coeff * (rng.random(n)[:, None] - 0.5)  # scale
-    shift = rng.integers(0, max_translation, size=n)
-    cols = (np.arange(width)[None, :] - shift[:, None]) % width  # circular shift right
+    x = _interp_rows(signal, tl + draws["pad"], width)  # pad + dilate
+    x *= 1.0 + scale_coeff * (draws["scale_u"][:, None] - 0.5)  # scale
+    cols = (np.arange(width)[None, :] - draws["shift"][:, None]) % width  # shift right
     x = np.take_along_axis(x, cols, axis=1)
-    corr = _gaussian_filter_rows(corr_noise_scale * rng.standard_normal((n, width)), sigma=2.0)
-    x = np.where(x != 0, x, corr)
-    x += iid_noise_scale * rng.standard_normal((n, width))
-    x -= (shear_scale * (rng.random(n) - 0.5))[:, None] * np.linspace(-0.5, 0.5, width)[None, :]
+    corr = _gaussian_filter_rows(corr_noise_scale * draws["corr_z"], sigma=2.0)
+    x = np.where(x != 0, x, corr)  # correlated noise replaces the padding
+    x += iid_noise_scale * draws["iid_z"]
+    shear = shear_scale * (draws["shear_u"] - 0.5)
+    x -= shear[:, None] * np.linspace(-0.5, 0.5, width)[None, :]
     return _interp_rows(x, np.full(n, width), final_seq_length)
 
 
@@ -197,12 +210,13 @@ def make_mnist1d(
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     rng = np.random.default_rng(_check_seed(seed))
     labels = rng.permutation(np.arange(n) % 10)
-    x = _generate(
+    pad_range = (int(padding[0]), int(padding[1]))
+    draws = _draw(n, rng, padding=pad_range, max_translation=int(max_translation))
+    x = _transform(
         labels,
-        rng,
-        padding=(int(padding[0]), int(padding[1])),
+        draws,
+        padding=pad_range,
         scale_coeff=scale_coeff,
-        max_translation=int(max_translation),
         corr_noise_scale=corr_noise_scale,
         iid_noise_scale=iid_noise_scale,
         shear_scale=shear_scale,

@@ -83,7 +83,8 @@ def reset_parameters_(module: nn.Module, generator: torch.Generator | None = Non
 
     Linear and Conv weights: ``kaiming_uniform_(a=sqrt(5))`` (i.e. ``U(-1/sqrt(fan_in),
     1/sqrt(fan_in))``); biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; BatchNorm weight 1, bias 0,
-    running statistics reset. With ``generator=None`` the global RNG is used.
+    running statistics reset. With ``generator=None`` the global RNG is used; otherwise the
+    generator must live on the parameters' device (build on the CPU, then move the model).
 
     Returns:
         ``module`` (modified in place).
