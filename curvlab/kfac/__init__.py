@@ -7,6 +7,7 @@ column-major ``A ⊗ G``), at the same scale as ``curvlab.GGN`` on the same data
 """
 
 from curvlab.kfac.capture import FactorCapture, expand_conv_input
+from curvlab.kfac.ekfac import EKFACFactors, ekfac_factors, ekfac_scalings
 from curvlab.kfac.factors import (
     KroneckerFactors,
     accumulate_factors,
@@ -20,8 +21,15 @@ from curvlab.kfac.factors import (
 )
 from curvlab.kfac.inverse import EigenInverse, EighError, FactoredInverse, pi_tracenorm, safe_eigh
 from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+from curvlab.kfac.tridiagonal import (
+    TridiagonalFactors,
+    TridiagonalInverse,
+    accumulate_tridiagonal,
+    tridiagonal_factors,
+)
 
 __all__ = [
+    "EKFACFactors",
     "EigenInverse",
     "EighError",
     "FactorCapture",
@@ -29,10 +37,15 @@ __all__ = [
     "KFACLayer",
     "KroneckerFactors",
     "LayerTable",
+    "TridiagonalFactors",
+    "TridiagonalInverse",
     "accumulate_factors",
+    "accumulate_tridiagonal",
     "capture_statistics",
     "cross_input_factor",
     "cross_output_factor",
+    "ekfac_factors",
+    "ekfac_scalings",
     "expand_conv_input",
     "find_layers",
     "fisher_scale",
@@ -41,4 +54,5 @@ __all__ = [
     "output_factor",
     "pi_tracenorm",
     "safe_eigh",
+    "tridiagonal_factors",
 ]

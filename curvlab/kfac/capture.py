@@ -37,11 +37,12 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def expand_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
+def expand_conv_input(module: nn.Conv2d, x: Tensor, group: int | None = None) -> Tensor:
     """im2col patches of a Conv2d input: ``(N, T, C_in*kh*kw)``, ``T`` output locations.
 
     Column order matches ``module.weight.reshape(out, -1)`` (channel, kernel row, kernel column),
-    so ``patches @ W.reshape(out, -1).T`` (plus bias) is the convolution output.
+    so ``patches @ W.reshape(out, -1).T`` (plus bias) is the convolution output. For a grouped
+    convolution pass ``group=j``: the patches of that group's input channels (``C_in/g``).
 
     Example:
         >>> conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1)
@@ -53,10 +54,14 @@ def expand_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
         >>> torch.allclose(y, conv(x), atol=1e-5)
         True
     """
-    if module.groups != 1:
-        raise NotImplementedError(f"expand_conv_input: groups={module.groups} is not supported")
     if x.dim() == 3:  # unbatched (C, H, W)
         x = x.unsqueeze(0)
+    if module.groups != 1:
+        if group is None or not 0 <= group < module.groups:
+            raise ValueError(f"expand_conv_input: groups={module.groups} needs group in "
+                             f"0..{module.groups - 1}, got {group!r}")
+        c = x.shape[1] // module.groups
+        x = x[:, group * c:(group + 1) * c]
     k = _pair(module.kernel_size)
     dil = _pair(module.dilation)
     stride = _pair(module.stride)
@@ -133,7 +138,7 @@ class FactorCapture:
     @staticmethod
     def _expand_input(layer: KFACLayer, x: Tensor) -> Tensor:
         if layer.kind == "conv2d":
-            return expand_conv_input(layer.module, x)
+            return expand_conv_input(layer.module, x, layer.group)
         if x.dim() == 1:
             x = x.unsqueeze(0)
         return x.reshape(x.shape[0], -1, x.shape[-1]).clone()
@@ -143,7 +148,7 @@ class FactorCapture:
         if layer.kind == "conv2d":
             if g.dim() == 3:
                 g = g.unsqueeze(0)
-            return g.flatten(2).transpose(1, 2)
+            return g[:, layer.out_slice].flatten(2).transpose(1, 2)
         if g.dim() == 1:
             g = g.unsqueeze(0)
         return g.reshape(g.shape[0], -1, g.shape[-1])

@@ -299,9 +299,9 @@ def capture_statistics(
         raise ValueError(f"fisher must be one of {_FISHER_TYPES}, got {fisher!r}")
     layer_list = _layer_list(layers)
     rule = loss_rule(loss_fn)
-    weights = [layer.weight_param for layer in layer_list]
-    for layer, w in zip(layer_list, weights, strict=True):
-        if not w.requires_grad:
+    weights = list({id(lay.weight_param): lay.weight_param for lay in layer_list}.values())
+    for layer in layer_list:
+        if not layer.weight_param.requires_grad:
             raise ValueError(f"layer {layer.name!r}: weight does not require grad; K-FAC needs "
                              "gradients through it")
     params = dict(model.named_parameters())
@@ -318,6 +318,13 @@ def capture_statistics(
         torch.autograd.grad(output, weights, grad_outputs=cot[k], retain_graph=k < num - 1,
                             allow_unused=True)
     cap.verify()
+    for layer in layer_list:
+        calls = len(cap.inputs[layer.name])
+        if calls != 1:
+            raise NotImplementedError(
+                f"layer {layer.name!r} was called {calls} times in one forward (weight sharing); "
+                "K-FAC for shared weights is not implemented, exclude it with params=..."
+            )
     return cap, batch_size_of(inputs), rule
 
 

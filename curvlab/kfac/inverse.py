@@ -118,17 +118,37 @@ class EigenInverse:
         name: str = "layer",
     ) -> None:
         _check_factors(A, G)
+        d_a, u_a = safe_eigh(A, name=f"A of {name}")
+        d_g, u_g = safe_eigh(G, name=f"G of {name}")
+        self._setup(u_a, u_g, d_a, d_g, scales, damping, name)
+
+    @classmethod
+    def from_basis(
+        cls, U_A: Tensor, U_G: Tensor, scales: Tensor, damping: float, *, name: str = "layer"
+    ) -> EigenInverse:
+        """Build from given eigenbases and eigenvalues ``scales`` (``(out, in)``), e.g. EKFAC.
+
+        Example:
+            >>> inv = EigenInverse.from_basis(torch.eye(2), torch.eye(1),
+            ...                               torch.tensor([[1.0, 3.0]]), damping=1.0)
+            >>> inv.apply(torch.ones(1, 2))
+            tensor([[0.5000, 0.2500]])
+        """
+        self = cls.__new__(cls)
+        self._setup(U_A, U_G, None, None, scales, damping, name)
+        return self
+
+    def _setup(self, u_a, u_g, d_a, d_g, scales, damping, name) -> None:
         if damping < 0:
             raise ValueError(f"{name}: damping must be >= 0, got {damping}")
         self.damping = float(damping)
         self.name = name
-        self.d_A, self.U_A = safe_eigh(A, name=f"A of {name}")
-        self.d_G, self.U_G = safe_eigh(G, name=f"G of {name}")
+        self.U_A, self.U_G, self.d_A, self.d_G = u_a, u_g, d_a, d_g
         if scales is None:
-            scales = torch.outer(self.d_G, self.d_A)
-        elif tuple(scales.shape) != (G.shape[0], A.shape[0]):
-            raise ValueError(f"{name}: scales must have shape {(G.shape[0], A.shape[0])}, got "
-                             f"{tuple(scales.shape)}")
+            scales = torch.outer(d_g, d_a)
+        elif tuple(scales.shape) != (u_g.shape[0], u_a.shape[0]):
+            raise ValueError(f"{name}: scales must have shape {(u_g.shape[0], u_a.shape[0])}, "
+                             f"got {tuple(scales.shape)}")
         self.scales = scales
         denom = scales + self.damping
         if bool((denom <= 0).any()):

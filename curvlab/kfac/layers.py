@@ -3,9 +3,18 @@ r"""Which layers K-FAC can approximate, and which parameters it cannot.
 K-FAC (Martens & Grosse 2015) and KFC (Grosse & Martens 2016) approximate the curvature block of
 one ``nn.Linear`` or ``nn.Conv2d`` layer by a Kronecker product. :func:`find_layers` walks a model
 and returns a :class:`LayerTable`: the supported layers (:class:`KFACLayer`) and the selected
-parameters owned by modules K-FAC does not support (BatchNorm, LayerNorm, Embedding, grouped
-convolutions, ...), which callers must treat some other way (warned about by default,
+parameters owned by modules K-FAC does not support (BatchNorm, LayerNorm, Embedding, conv with
+non-zero padding modes, ...), which callers must treat some other way (warned about by default,
 ``strict=True`` raises).
+
+Grouped convolutions (``groups = g > 1``, depthwise included) are registered, with
+``find_layers(..., grouped_conv=True)``, as ``g`` layers named ``"<module>[j]"``, one per group:
+group ``j`` owns output channels ``j·out/g … (j+1)·out/g - 1`` (rows of the weight and bias) and
+sees only its input channels, so the layer's block is block-diagonal over groups with one
+Kronecker product per group (cross-group correlations dropped). A group layer's
+:meth:`KFACLayer.to_matrix` / :meth:`KFACLayer.from_matrix` work on its rows (``out_slice``)
+only, so callers must write results into ``param[out_slice]``; by default
+(``grouped_conv=False``) grouped convolutions are reported as unsupported instead.
 
 Vec convention. A layer's parameters in *homogeneous matrix form* are
 ``V = [W.reshape(out, -1) | b]`` of shape ``(out_dim, in_dim)`` where ``in_dim`` counts the
@@ -38,14 +47,16 @@ class KFACLayer:
 
     Attributes:
         name: Qualified module name (as in ``model.named_modules()``).
-        module: The ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``) module.
+        module: The ``nn.Linear`` or ``nn.Conv2d`` module.
         weight: Qualified name of its weight parameter (e.g. ``"0.weight"``).
         bias: Qualified name of its bias parameter, or ``None`` if the layer has no bias or the
             bias is not among the selected parameters.
         kind: ``"linear"`` or ``"conv2d"``.
+        group: For a grouped convolution, the group index ``j`` (the layer is that group's
+            rows); ``None`` otherwise.
 
     Properties ``in_dim`` (rows/columns of ``A``, including the homogeneous ones column when
-    ``bias`` is set) and ``out_dim`` (rows/columns of ``G``).
+    ``bias`` is set) and ``out_dim`` (rows/columns of ``G``; ``out/g`` for a group).
 
     Example:
         >>> layer = find_layers(nn.Sequential(nn.Linear(3, 2))).layers[0]
@@ -58,6 +69,7 @@ class KFACLayer:
     weight: str
     bias: str | None
     kind: LayerKind
+    group: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "conv2d"):
@@ -67,10 +79,19 @@ class KFACLayer:
         if not isinstance(self.module, expected):
             raise TypeError(f"KFACLayer {self.name!r}: kind {self.kind!r} needs an "
                             f"{expected.__name__}, got {type(self.module).__name__}")
+        groups = getattr(self.module, "groups", 1)
         if self.kind == "conv2d":
             reason = _conv_unsupported_reason(self.module)
             if reason:
                 raise NotImplementedError(f"KFACLayer {self.name!r}: {reason}")
+        if groups > 1 and self.group is None:
+            raise NotImplementedError(
+                f"KFACLayer {self.name!r}: grouped convolution (groups={groups}) needs one "
+                "KFACLayer per group (group=j); find_layers registers them"
+            )
+        if self.group is not None and not (groups > 1 and 0 <= self.group < groups):
+            raise ValueError(f"KFACLayer {self.name!r}: group={self.group} but the module has "
+                             f"groups={groups}")
 
     @property
     def weight_param(self) -> Tensor:
@@ -90,8 +111,23 @@ class KFACLayer:
 
     @property
     def out_dim(self) -> int:
-        """Dimension of the output factor ``G``: number of output units / channels."""
-        return int(self.module.weight.shape[0])
+        """Dimension of the output factor ``G``: output units / channels (of the group)."""
+        return int(self.module.weight.shape[0]) // int(getattr(self.module, "groups", 1))
+
+    @property
+    def out_slice(self) -> slice:
+        """Rows of the weight/bias (output channels) this layer owns (all unless grouped)."""
+        if self.group is None:
+            return slice(None)
+        return slice(self.group * self.out_dim, (self.group + 1) * self.out_dim)
+
+    @property
+    def in_channel_slice(self) -> slice:
+        """Input channels this layer sees (all unless grouped)."""
+        if self.group is None:
+            return slice(None)
+        c = int(self.module.weight.shape[1])
+        return slice(self.group * c, (self.group + 1) * c)
 
     @property
     def param_names(self) -> list[str]:
@@ -101,8 +137,9 @@ class KFACLayer:
     def to_matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Homogeneous matrix form ``[W.reshape(out, -1) | b]`` (leading batch dims allowed).
 
-        ``weight`` has shape ``(*batch, *W.shape)``; ``bias`` ``(*batch, out)`` and is required
-        exactly when the layer registers a bias.
+        ``weight`` has shape ``(*batch, *W.shape)`` (the whole parameter); ``bias``
+        ``(*batch, out)`` and is required exactly when the layer registers a bias. For a group
+        of a grouped convolution only that group's rows are returned.
 
         Example:
             >>> layer = find_layers(nn.Sequential(nn.Linear(2, 1))).layers[0]
@@ -114,7 +151,7 @@ class KFACLayer:
         if nb < 0 or tuple(weight.shape[nb:]) != tuple(wshape):
             raise ValueError(f"layer {self.name!r}: weight must have shape (*batch, "
                              f"{tuple(wshape)}), got {tuple(weight.shape)}")
-        m = weight.reshape(*weight.shape[:nb], wshape[0], -1)
+        m = weight.reshape(*weight.shape[:nb], wshape[0], -1)[..., self.out_slice, :]
         if self.bias is None:
             if bias is not None:
                 raise ValueError(f"layer {self.name!r} has no registered bias, got one")
@@ -122,17 +159,19 @@ class KFACLayer:
         if bias is None or tuple(bias.shape) != (*weight.shape[:nb], wshape[0]):
             raise ValueError(f"layer {self.name!r}: bias of shape "
                              f"{(*weight.shape[:nb], wshape[0])} required")
-        return torch.cat([m, bias.unsqueeze(-1)], dim=-1)
+        return torch.cat([m, bias[..., self.out_slice].unsqueeze(-1)], dim=-1)
 
     def from_matrix(self, m: Tensor) -> tuple[Tensor, Tensor | None]:
         """Inverse of :meth:`to_matrix`: ``(weight, bias or None)`` (leading batch dims allowed).
+
+        For a group of a grouped convolution, the group's rows (``weight[out_slice]``) only.
 
         Example:
             >>> layer = find_layers(nn.Sequential(nn.Linear(2, 1))).layers[0]
             >>> [t.shape for t in layer.from_matrix(torch.zeros(1, 3))]
             [torch.Size([1, 2]), torch.Size([1])]
         """
-        wshape = self.module.weight.shape
+        wshape = (self.out_dim, *self.module.weight.shape[1:])
         if tuple(m.shape[-2:]) != (self.out_dim, self.in_dim):
             raise ValueError(f"layer {self.name!r}: matrix must end in shape "
                              f"{(self.out_dim, self.in_dim)}, got {tuple(m.shape)}")
@@ -143,9 +182,6 @@ class KFACLayer:
 
 
 def _conv_unsupported_reason(mod: nn.Conv2d) -> str:
-    if mod.groups != 1:
-        return (f"grouped convolution (groups={mod.groups}) is not implemented in curvlab.kfac "
-                "(its Kronecker block would be block-diagonal over groups)")
     if mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r} is not supported (only 'zeros')"
     if isinstance(mod.padding, str) and mod.padding not in ("valid", "same"):
@@ -181,10 +217,13 @@ class LayerTable:
 
     @property
     def param_names(self) -> list[str]:
-        """All parameter names registered with a supported layer."""
-        return [n for layer in self.layers for n in layer.param_names]
+        """All parameter names registered with a supported layer (each once)."""
+        return list(dict.fromkeys(n for layer in self.layers for n in layer.param_names))
 
-    def __getitem__(self, name: str) -> KFACLayer:
+    def __getitem__(self, name: str | int | slice):
+        """A layer by name, or by position/slice like ``self.layers``."""
+        if isinstance(name, int | slice):
+            return self.layers[name]
         for layer in self.layers:
             if layer.name == name:
                 return layer
@@ -199,8 +238,9 @@ class LayerTable:
     def __str__(self) -> str:
         rows = [("module", "type", "status", "A dim", "G dim", "parameters")]
         for layer in self.layers:
+            kind = layer.kind if layer.group is None else f"{layer.kind} group {layer.group}"
             rows.append((layer.name or "<root>", type(layer.module).__name__,
-                         f"K-FAC {layer.kind}", str(layer.in_dim), str(layer.out_dim),
+                         f"K-FAC {kind}", str(layer.in_dim), str(layer.out_dim),
                          ", ".join(layer.param_names)))
         for name, params in self.unsupported.items():
             rows.append((name or "<root>", self.reasons.get(name, "?").split(":")[0],
@@ -212,18 +252,24 @@ class LayerTable:
         return "\n".join(lines)
 
 
-def find_layers(model: nn.Module, params: ParamsArg = None, *, strict: bool = False) -> LayerTable:
+def find_layers(
+    model: nn.Module, params: ParamsArg = None, *, strict: bool = False,
+    grouped_conv: bool = False,
+) -> LayerTable:
     """Register the K-FAC layers of ``model`` among the selected parameters.
 
-    A ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``, zero padding) is registered when its weight
-    is selected; its bias is registered when selected too. A selected bias whose weight is not
-    selected, and every selected parameter owned by any other module, is *unsupported*.
+    A ``nn.Linear`` or ``nn.Conv2d`` (zero padding; a grouped conv as one layer per group) is
+    registered when its weight is selected; its bias is registered when selected too. A
+    selected bias whose weight is not selected, and every selected parameter owned by any other
+    module, is *unsupported*.
 
     Args:
         model: The network.
         params: Parameter selection as in :func:`curvlab.func.select_params` (default: all
             parameters with ``requires_grad=True``).
         strict: Raise instead of warning when some selected parameters are unsupported.
+        grouped_conv: Register a grouped ``nn.Conv2d`` as one layer per group (callers then
+            handle row slices, see the module docstring); if ``False`` it is unsupported.
 
     Returns:
         A :class:`LayerTable`.
@@ -254,11 +300,17 @@ def find_layers(model: nn.Module, params: ParamsArg = None, *, strict: bool = Fa
         if isinstance(mod, nn.Linear | nn.Conv2d):
             if isinstance(mod, nn.Conv2d):
                 reason = _conv_unsupported_reason(mod)
+                if not reason and mod.groups > 1 and not grouped_conv:
+                    reason = (f"grouped convolution (groups={mod.groups}) registered only with "
+                              "find_layers(..., grouped_conv=True) (one block per group)")
             if not reason and "weight" in names:
                 kind: LayerKind = "linear" if isinstance(mod, nn.Linear) else "conv2d"
-                layer = KFACLayer(mod_name, mod, names["weight"], names.get("bias"), kind)
-                layers.append(layer)
-                claimed.update(layer.param_names)
+                groups = int(getattr(mod, "groups", 1))
+                for j in range(groups) if groups > 1 else [None]:
+                    layer = KFACLayer(mod_name if j is None else f"{mod_name}[{j}]", mod,
+                                      names["weight"], names.get("bias"), kind, j)
+                    layers.append(layer)
+                    claimed.update(layer.param_names)
                 continue
             if not reason:
                 reason = f"{type(mod).__name__}: bias selected without its weight"

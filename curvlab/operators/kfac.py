@@ -1,0 +1,336 @@
+r"""K-FAC as a linear operator: Kronecker-factored approximation of the GGN / Fisher.
+
+:class:`KFAC` estimates, once at construction, the Kronecker factors of every supported layer
+(:mod:`curvlab.kfac`) over ``data`` and acts as the approximate curvature matrix in curvlab's flat
+order (the selected parameters in ``model.parameters()`` order, each row-major), i.e. the same
+indexing as :class:`curvlab.GGN` on the same model and ``params``.
+
+Which matrix, at which scale. ``fisher="type2"`` approximates ``curvlab.GGN`` (= the true
+Fisher for cross-entropy, MSE, BCE-with-logits), ``"mc"`` the Monte-Carlo ``curvlab.Fisher``,
+``"empirical"`` ``curvlab.EmpiricalFisher``, each *at the same scale* (loss reduction
+included; see :mod:`curvlab.kfac.factors`). Per layer, in the row-major order of the homogeneous
+matrix ``[W.reshape(out, -1) | b]``, the block is ``G ⊗ A`` (the papers' ``A ⊗ G`` for
+column-major vec); curvlab's flat order lists the weight block, then the bias (a fixed
+permutation handled internally).
+
+Structures: ``"block-diagonal"`` (K-FAC / KFC); ``"block-tridiagonal"`` (Martens & Grosse §4.3:
+``@`` applies the block-tridiagonal Kronecker matrix ``F̃``, with cross-layer blocks
+``G_{i,i+1} ⊗ A_{i,i+1}``; chains of ``nn.Linear`` only); ``ekfac=True`` replaces the Kronecker
+eigenvalues by EKFAC's per-example second moments in the Kronecker eigenbasis.
+
+Grouped convolutions are block-diagonal over groups (one Kronecker product per group, see
+:mod:`curvlab.kfac.layers`). Unsupported parameters (BatchNorm, LayerNorm, ... among the selected
+ones): the
+operator is **zero** on their rows/columns, and :meth:`KFAC.inverse` acts on them as
+``(1/damping) I``: the preconditioned step for those parameters is the plain gradient divided by
+the damping (the damped inverse of a zero block). A warning names them; ``strict=True`` raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func.losses import LossFn, loss_rule
+from curvlab.func.params import ParamsArg, select_params
+from curvlab.kfac.ekfac import EKFACFactors, eigenbases, ekfac_factors
+from curvlab.kfac.factors import (
+    FisherType,
+    KroneckerFactors,
+    accumulate_factors,
+    kfac_factors,
+)
+from curvlab.kfac.inverse import EigenInverse, FactoredInverse
+from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+from curvlab.kfac.tridiagonal import (
+    TridiagonalFactors,
+    TridiagonalInverse,
+    accumulate_tridiagonal,
+    tridiagonal_factors,
+)
+from curvlab.operators.base import LinearOperator, unflatten
+from curvlab.operators.curvature import _to_device, as_batches
+
+__all__ = ["KFAC", "KFACInverse"]
+
+Structure = Literal["block-diagonal", "block-tridiagonal"]
+
+
+class _LayerLayout:
+    """Maps between curvlab's flat parameter blocks and per-layer homogeneous matrices."""
+
+    def __init__(self, names: list[str], table: LayerTable) -> None:
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.layers = table.layers
+        registered = set(table.param_names)
+        self.free = [i for i, n in enumerate(names) if n not in registered]
+
+    def to_matrices(self, cols: list[Tensor]) -> list[Tensor]:
+        """Parameter-form columns ``(*shape, K)`` -> per-layer ``(K, out, in)``."""
+        mats = []
+        for layer in self.layers:
+            w = cols[self.index[layer.weight]].movedim(-1, 0)
+            b = cols[self.index[layer.bias]].movedim(-1, 0) if layer.bias is not None else None
+            mats.append(layer.to_matrix(w, b))
+        return mats
+
+    def from_matrices(self, mats: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+        out = [torch.zeros_like(c) for c in like]
+        for layer, m in zip(self.layers, mats, strict=True):
+            w, b = layer.from_matrix(m)
+            out[self.index[layer.weight]][layer.out_slice] = w.movedim(0, -1)
+            if layer.bias is not None:
+                out[self.index[layer.bias]][layer.out_slice] = b.movedim(0, -1)
+        return out
+
+
+def _make_generator(generator: int | torch.Generator | None, device: torch.device):
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator(device=device).manual_seed(generator)
+    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got "
+                    f"{type(generator).__name__}")
+
+
+class KFAC(LinearOperator):
+    r"""Kronecker-factored approximate curvature of ``loss_fn`` over ``data``.
+
+    Args:
+        model: The network (never modified: buffers cloned, ``.grad`` untouched).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``,
+            reduction ``'mean'`` or ``'sum'``.
+        data: One ``(inputs, targets)`` batch or a re-iterable of batches; factors of several
+            batches are combined as for one concatenated batch
+            (:func:`curvlab.kfac.factors.accumulate_factors`).
+        fisher: ``"type2"`` (≈ ``curvlab.GGN``), ``"mc"`` (≈ ``curvlab.Fisher``) or
+            ``"empirical"`` (≈ ``curvlab.EmpiricalFisher``).
+        params: Parameter selection (default: all trainable), as for ``curvlab.GGN``.
+        mc_samples: Samples per example for ``"mc"``.
+        generator: ``int`` seed or ``torch.Generator`` for ``"mc"``.
+        structure: ``"block-diagonal"`` or ``"block-tridiagonal"``.
+        ekfac: Use EKFAC scalings (block-diagonal only).
+        strict: Raise instead of warning about unsupported parameters.
+
+    Attributes:
+        layers: The :class:`~curvlab.kfac.layers.LayerTable`.
+        factors: ``{layer name: KroneckerFactors}``.
+        ekfac_factors: ``{layer name: EKFACFactors}`` when ``ekfac=True``.
+        tridiagonal: :class:`~curvlab.kfac.tridiagonal.TridiagonalFactors` for the tridiagonal
+            structure.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> K = KFAC(net, nn.CrossEntropyLoss(), data)
+        >>> K.shape, sorted(K.factors)
+        ((26, 26), ['0', '2'])
+        >>> v = torch.randn(26)
+        >>> inv = K.inverse(damping=1e-2)
+        >>> torch.allclose(K @ (inv @ v) + 1e-2 * (inv @ v), v, atol=1e-4)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        fisher: FisherType = "type2",
+        params: ParamsArg = None,
+        *,
+        mc_samples: int = 1,
+        generator: int | torch.Generator | None = None,
+        structure: Structure = "block-diagonal",
+        ekfac: bool = False,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if fisher not in ("type2", "mc", "empirical"):
+            raise ValueError(f"fisher must be 'type2', 'mc' or 'empirical', got {fisher!r}")
+        if structure not in ("block-diagonal", "block-tridiagonal"):
+            raise ValueError(f"structure must be 'block-diagonal' or 'block-tridiagonal', got "
+                             f"{structure!r}")
+        if ekfac and structure != "block-diagonal":
+            raise ValueError("ekfac=True needs structure='block-diagonal'")
+        selected = select_params(model, params)
+        first = next(iter(selected.values()))
+        for name, p in selected.items():
+            if p.dtype != first.dtype or p.device != first.device:
+                raise TypeError(f"parameter {name!r} is {p.dtype} on {p.device}, the first is "
+                                f"{first.dtype} on {first.device}; one dtype/device needed")
+        self.layers = find_layers(model, list(selected), strict=strict, grouped_conv=True)
+        self.rule = loss_rule(loss_fn)
+        if self.rule.reduction not in ("mean", "sum"):
+            raise ValueError(f"{self.rule.name}: K-FAC needs reduction 'mean' or 'sum'")
+        self.model, self.loss_fn, self.fisher, self.structure = model, loss_fn, fisher, structure
+        self.mc_samples = int(mc_samples)
+        self.ekfac = bool(ekfac)
+        names = list(selected)
+        super().__init__((sum(p.numel() for p in selected.values()),) * 2, first.dtype,
+                         first.device, param_shapes=[p.shape for p in selected.values()],
+                         param_names=names, symmetric=True)
+        self._layout = _LayerLayout(names, self.layers)
+        gen = _make_generator(generator, first.device)
+        kw = {"fisher": fisher, "mc_samples": self.mc_samples, "generator": gen}
+        batches = []
+        for i, batch in enumerate(as_batches(data)):
+            if not isinstance(batch, tuple | list) or len(batch) != 2:
+                raise TypeError(f"data batch {i} must be an (inputs, targets) pair")
+            batches.append((_to_device(batch[0], self.device), _to_device(batch[1], self.device)))
+        if not batches:
+            raise ValueError("data is empty: K-FAC needs at least one (inputs, targets) batch")
+        self.tridiagonal: TridiagonalFactors | None = None
+        self.ekfac_factors: dict[str, EKFACFactors] | None = None
+        red = self.rule.reduction
+        if structure == "block-tridiagonal":
+            self.tridiagonal = accumulate_tridiagonal(
+                [tridiagonal_factors(model, loss_fn, x, y, self.layers, **kw) for x, y in batches],
+                red)
+            self.factors: dict[str, KroneckerFactors] = {
+                layer.name: f for layer, f in zip(self.layers, self.tridiagonal.diag, strict=True)}
+        else:
+            self.factors = accumulate_factors(
+                [kfac_factors(model, loss_fn, x, y, self.layers, **kw) for x, y in batches], red)
+        if ekfac:
+            bases = {n: eigenbases(f, n) for n, f in self.factors.items()}
+            per = [ekfac_factors(model, loss_fn, x, y, self.layers, bases=bases, **kw)
+                   for x, y in batches]
+            total = sum(p[next(iter(p))].num_examples for p in per)
+            self.ekfac_factors = {}
+            for n, (u_a, u_g) in bases.items():
+                if red == "mean":
+                    s = sum(p[n].scalings * (p[n].num_examples / total) for p in per)
+                else:
+                    s = sum(p[n].scalings for p in per)
+                self.ekfac_factors[n] = EKFACFactors(u_a, u_g, s, total)
+
+    @property
+    def unsupported(self) -> dict[str, list[str]]:
+        """``{module name: [parameter names]}`` the operator treats as zero."""
+        return self.layers.unsupported
+
+    def _layer_products(self, mats: list[Tensor]) -> list[Tensor]:
+        if self.tridiagonal is not None:
+            return self.tridiagonal.mv(mats)
+        if self.ekfac_factors is not None:
+            return [self.ekfac_factors[layer.name].mv(m)
+                    for layer, m in zip(self.layers, mats, strict=True)]
+        return [self.factors[layer.name].G @ m @ self.factors[layer.name].A
+                for layer, m in zip(self.layers, mats, strict=True)]
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        cols = unflatten(M, self.param_shapes)
+        mats = self._layout.to_matrices(cols)
+        out = self._layout.from_matrices(self._layer_products(mats), cols)
+        return torch.cat([c.reshape(-1, M.shape[1]) for c in out], 0)
+
+    def inverse(
+        self, damping: float, method: Literal["eigen", "factored"] = "eigen", *,
+        pi: str | float = "tracenorm",
+    ) -> KFACInverse:
+        """Damped inverse as an operator (see :class:`KFACInverse` for the damping semantics).
+
+        ``method="eigen"``: ``(K + λ I)⁻¹`` exactly per block (EKFAC: with its scalings);
+        ``method="factored"``: π-split factored Tikhonov per block; for
+        ``structure="block-tridiagonal"`` only ``"factored"`` (Martens & Grosse) exists.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(2, 2))
+            >>> K = KFAC(net, nn.MSELoss(), (torch.randn(4, 2), torch.randn(4, 2)))
+            >>> K.inverse(0.1, method="factored").shape
+            (6, 6)
+        """
+        return KFACInverse(self, damping, method, pi=pi)
+
+    def _repr_extra(self) -> str:
+        return (f"fisher={self.fisher!r}, structure={self.structure!r}, ekfac={self.ekfac}, "
+                f"layers={[layer.name for layer in self.layers]}")
+
+
+class KFACInverse(LinearOperator):
+    r"""Damped inverse of a :class:`KFAC` operator.
+
+    * ``method="eigen"`` (block-diagonal): per layer ``(G ⊗ A + λ I)⁻¹`` via eigenbases — exact
+      Tikhonov on the Kronecker product; with ``ekfac=True`` ``(U diag(S*) Uᵀ + λ I)⁻¹``. This
+      is exactly ``(K + λ I)⁻¹`` for the operator ``K``.
+    * ``method="factored"``: per layer ``(G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹`` (trace-norm π, spec
+      §1.4); for the tridiagonal structure Martens & Grosse's ``F̂⁻¹`` with this damping on the
+      diagonal blocks only.
+    * Unsupported parameters: ``(1/λ) I`` (the damped inverse of their zero block).
+
+    Attributes:
+        blocks: ``{layer name: EigenInverse | FactoredInverse}`` (block-diagonal), or
+            ``tridiagonal``: the :class:`~curvlab.kfac.tridiagonal.TridiagonalInverse`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> K = KFAC(net, nn.MSELoss(), (torch.randn(4, 2), torch.randn(4, 2)))
+        >>> inv = K.inverse(0.5)
+        >>> v = torch.randn(6)
+        >>> torch.allclose((K @ (inv @ v)) + 0.5 * (inv @ v), v, atol=1e-5)
+        True
+    """
+
+    def __init__(self, kfac: KFAC, damping: float, method: str = "eigen", *,
+                 pi: str | float = "tracenorm") -> None:
+        if not isinstance(damping, int | float) or isinstance(damping, bool):
+            raise TypeError(f"damping must be a number, got {type(damping).__name__}")
+        if method not in ("eigen", "factored"):
+            raise ValueError(f"method must be 'eigen' or 'factored', got {method!r}")
+        if damping <= 0 and (kfac._layout.free or method == "factored"):
+            raise ValueError(f"damping must be > 0 (got {damping}): unsupported parameters or "
+                             "method='factored' need it")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if kfac.tridiagonal is not None and method != "factored":
+            raise ValueError("structure='block-tridiagonal' has only method='factored' "
+                             "(Martens & Grosse's damped inverse)")
+        if kfac.ekfac_factors is not None and method != "eigen":
+            raise ValueError("ekfac=True needs method='eigen' (scalings live in the eigenbasis)")
+        super().__init__(kfac.shape, kfac.dtype, kfac.device, param_shapes=kfac.param_shapes,
+                         param_names=kfac.param_names, symmetric=True)
+        self.kfac, self.damping, self.method = kfac, float(damping), method
+        self._layout = kfac._layout
+        self.blocks: dict[str, EigenInverse | FactoredInverse | EKFACFactors] = {}
+        self.tridiagonal: TridiagonalInverse | None = None
+        if kfac.tridiagonal is not None:
+            self.tridiagonal = TridiagonalInverse(kfac.tridiagonal, damping, pi=pi)
+            return
+        for layer in kfac.layers:
+            f = kfac.factors[layer.name]
+            if kfac.ekfac_factors is not None:
+                self.blocks[layer.name] = kfac.ekfac_factors[layer.name].inverse(
+                    damping, name=layer.name)
+            elif method == "eigen":
+                self.blocks[layer.name] = EigenInverse(f.A, f.G, damping, name=layer.name)
+            else:
+                self.blocks[layer.name] = FactoredInverse(f.A, f.G, damping, pi=pi,
+                                                          name=layer.name)
+
+    @property
+    def layers(self) -> Sequence[KFACLayer]:
+        return self._layout.layers
+
+    def _matmat(self, M: Tensor) -> Tensor:
+        cols = unflatten(M, self.param_shapes)
+        mats = self._layout.to_matrices(cols)
+        if self.tridiagonal is not None:
+            res = self.tridiagonal.apply(mats)
+        else:
+            res = [self.blocks[layer.name].apply(m)
+                   for layer, m in zip(self.layers, mats, strict=True)]
+        out = self._layout.from_matrices(res, cols)
+        for i in self._layout.free:
+            out[i] = cols[i] / self.damping
+        return torch.cat([c.reshape(-1, M.shape[1]) for c in out], 0)
+
+    def _repr_extra(self) -> str:
+        return f"damping={self.damping}, method={self.method!r}"
