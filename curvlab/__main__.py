@@ -86,7 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module, s in broken.items():
         print(f"experiment module {module} failed to import:\n{s.detail}", file=sys.stderr)
     unavailable = {m: s.reason for m, s in status.items() if not s.available}
-    reports = reproduce(names, ctx, unavailable=unavailable if not args.names else None)
+    try:
+        reports = reproduce(names, ctx, unavailable=unavailable if not args.names else None)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished runs are kept under {ctx.out_dir}; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     failed = [r.name for r in reports if r.status == "error"]
     if failed:
         print(f"experiments that raised: {', '.join(failed)}", file=sys.stderr)

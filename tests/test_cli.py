@@ -86,3 +86,27 @@ def test_reproduce_nonzero_exit_when_an_experiment_raises(tmp_path, capsys, dumm
     captured = capsys.readouterr()
     assert "intentional failure" in captured.out and "test-raises" in captured.err
     assert (tmp_path / "test-dummy" / "summary.csv").exists()  # the other one still ran
+
+
+def test_reproduce_ctrl_c_returns_130_and_keeps_rows(tmp_path, capsys):
+    calls = []
+
+    @register("test-interrupt", title="Interrupted sweep", paper="none")
+    def interrupted(ctx):
+        def fn(run):
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(run.key)
+            return RunResult({"y": 1.0})
+
+        run_all([Run("test-interrupt", {"i": i}, 0) for i in range(4)], fn, ctx.out_dir,
+                progress=False)
+        return Outcome(pd.DataFrame(), [], [])
+
+    try:
+        code = main(["reproduce", "test-interrupt", "--device", "cpu", "--out", str(tmp_path),
+                     "--no-progress"])
+    finally:
+        unregister("test-interrupt")
+    assert code == 130 and "resume" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "test-interrupt" / "summary.csv")) == 2

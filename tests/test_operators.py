@@ -16,6 +16,15 @@ from curvlab.linalg import hutchinson_trace, lanczos
 from curvlab.operators import GGN, EmpiricalFisher, Fisher, Hessian, LinearOperator
 
 DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP overhead on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 RTOL, ATOL = 1e-8, 1e-10
 
 
@@ -46,7 +55,10 @@ def make_model(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
         m, shape = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), (4,)
     elif kind == "cnn":
         m = nn.Sequential(
-            nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
             nn.Linear(2 * 3 * 3, 3),
         )
         shape = (1, 6, 6)
@@ -112,12 +124,22 @@ def _flat_fn(model, names, shapes):
 
 def _theta(model, names):
     named = dict(model.named_parameters())
-    return torch.cat([named[n].detach().reshape(-1) for n in names]), [named[n].shape for n in names]
+    return torch.cat([named[n].detach().reshape(-1) for n in names]), [
+        named[n].shape for n in names
+    ]
+
+
+def _train_bn(model) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
 
 
 def dense_hessian(model, loss_fn, x, y, names):
     theta, shapes = _theta(model, names)
     call = _flat_fn(model, names, shapes)
+    if _train_bn(model):  # functorch's vmap-ed hessian mishandles train-mode BatchNorm
+        return torch.autograd.functional.hessian(lambda t: loss_fn(call(t, x), y), theta)
     return torch.func.hessian(lambda t: loss_fn(call(t, x), y))(theta)
 
 
@@ -125,7 +147,11 @@ def dense_ggn(model, loss_fn, x, y, names):
     theta, shapes = _theta(model, names)
     call = _flat_fn(model, names, shapes)
     out = call(theta, x).detach()
-    jac = torch.func.jacrev(lambda t: call(t, x))(theta).reshape(out.numel(), -1)
+    if _train_bn(model):
+        jac = torch.autograd.functional.jacobian(lambda t: call(t, x), theta)
+    else:
+        jac = torch.func.jacrev(lambda t: call(t, x))(theta)
+    jac = jac.reshape(out.numel(), -1)
     h_out = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
     return jac.T @ h_out @ jac
 
@@ -155,8 +181,11 @@ def aggregate(oracle, model, loss, loss_fn, batches, names, by_examples=False):
     for x, y in batches:
         with torch.no_grad():
             out = torch.func.functional_call(model, ({}, cloned_buffers(model)), (x,))
-        w = (1 if loss_fn.reduction == "sum" else x.shape[0]) if by_examples else units(
-            loss, loss_fn, out.shape, x.shape[0])
+        w = (
+            (1 if loss_fn.reduction == "sum" else x.shape[0])
+            if by_examples
+            else units(loss, loss_fn, out.shape, x.shape[0])
+        )
         total = total + w * oracle(model, loss_fn, x, y, names)
         weight += w
     return total / (weight if loss_fn.reduction == "mean" else 1)
@@ -170,14 +199,23 @@ def all_names(model):
 # correctness against oracles
 
 CASES = [
-    ("mlp_tanh", "ce", "mean"), ("mlp_tanh", "ce", "sum"),
-    ("mlp_tanh", "mse", "mean"), ("mlp_tanh", "mse", "sum"),
-    ("mlp_tanh", "bce", "mean"), ("mlp_tanh", "bce", "sum"),
-    ("mlp_relu", "ce", "mean"), ("mlp_relu", "mse", "sum"),
-    ("cnn", "ce", "mean"), ("cnn", "bce", "sum"),
-    ("bn_train", "ce", "mean"), ("bn_eval", "mse", "mean"), ("bn_train", "bce", "sum"),
-    ("residual", "mse", "mean"), ("residual", "ce", "sum"),
-    ("seq", "ce", "mean"), ("seq", "ce", "sum"),
+    ("mlp_tanh", "ce", "mean"),
+    ("mlp_tanh", "ce", "sum"),
+    ("mlp_tanh", "mse", "mean"),
+    ("mlp_tanh", "mse", "sum"),
+    ("mlp_tanh", "bce", "mean"),
+    ("mlp_tanh", "bce", "sum"),
+    ("mlp_relu", "ce", "mean"),
+    ("mlp_relu", "mse", "sum"),
+    ("cnn", "ce", "mean"),
+    ("cnn", "bce", "sum"),
+    ("bn_train", "ce", "mean"),
+    ("bn_eval", "mse", "mean"),
+    ("bn_train", "bce", "sum"),
+    ("residual", "mse", "mean"),
+    ("residual", "ce", "sum"),
+    ("seq", "ce", "mean"),
+    ("seq", "ce", "sum"),
 ]
 
 
@@ -193,16 +231,24 @@ def test_operators_match_dense_oracles(kind, loss, reduction):
     G = GGN(model, loss_fn, batches)
     E = EmpiricalFisher(model, loss_fn, batches)
     torch.testing.assert_close(
-        H.to_dense(), aggregate(dense_hessian, model, loss, loss_fn, batches, names),
-        rtol=RTOL, atol=ATOL)
+        H.to_dense(),
+        aggregate(dense_hessian, model, loss, loss_fn, batches, names),
+        rtol=RTOL,
+        atol=ATOL,
+    )
     torch.testing.assert_close(
-        G.to_dense(), aggregate(dense_ggn, model, loss, loss_fn, batches, names),
-        rtol=RTOL, atol=ATOL)
+        G.to_dense(),
+        aggregate(dense_ggn, model, loss, loss_fn, batches, names),
+        rtol=RTOL,
+        atol=ATOL,
+    )
     if not kind.startswith("bn_train"):  # per-example losses are undefined with batch stats
         torch.testing.assert_close(
             E.to_dense(),
             aggregate(dense_ef, model, loss, loss_fn, batches, names, by_examples=True),
-            rtol=RTOL, atol=ATOL)
+            rtol=RTOL,
+            atol=ATOL,
+        )
     # nothing the model owns changed
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -216,13 +262,19 @@ def test_uneven_batches_equal_one_concatenated_batch(loss):
     batches = make_data(model, shape, loss, sizes=(3, 5))
     cat = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     for op in (Hessian, GGN, EmpiricalFisher):
-        torch.testing.assert_close(op(model, loss_fn, batches).to_dense(),
-                                   op(model, loss_fn, cat).to_dense(), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            op(model, loss_fn, batches).to_dense(),
+            op(model, loss_fn, cat).to_dense(),
+            rtol=RTOL,
+            atol=ATOL,
+        )
     sum_fn = make_loss(loss, "sum")
     torch.testing.assert_close(
         GGN(model, sum_fn, batches).to_dense(),
         GGN(model, sum_fn, batches[:1]).to_dense() + GGN(model, sum_fn, batches[1:]).to_dense(),
-        rtol=RTOL, atol=ATOL)
+        rtol=RTOL,
+        atol=ATOL,
+    )
 
 
 def test_parameter_subset_list_and_dict():
@@ -234,13 +286,19 @@ def test_parameter_subset_list_and_dict():
     assert H.param_names == names
     assert H.shape == (15 + 5, 15 + 5)
     torch.testing.assert_close(
-        H.to_dense(), aggregate(dense_hessian, model, "ce", loss_fn, batches, names),
-        rtol=RTOL, atol=ATOL)
+        H.to_dense(),
+        aggregate(dense_hessian, model, "ce", loss_fn, batches, names),
+        rtol=RTOL,
+        atol=ATOL,
+    )
     named = dict(model.named_parameters())
     G = GGN(model, loss_fn, batches, params={n: named[n] for n in names})
     torch.testing.assert_close(
-        G.to_dense(), aggregate(dense_ggn, model, "ce", loss_fn, batches, names),
-        rtol=RTOL, atol=ATOL)
+        G.to_dense(),
+        aggregate(dense_ggn, model, "ce", loss_fn, batches, names),
+        rtol=RTOL,
+        atol=ATOL,
+    )
     G2 = GGN(model, loss_fn, batches, params=[named["2.weight"], named["0.bias"]])
     assert G2.param_names == names
 
@@ -294,50 +352,26 @@ def test_ggn_equals_hessian_for_model_linear_in_parameters():
     batches = make_data(model, (4,), "mse")
     for red in ("mean", "sum"):
         loss_fn = nn.MSELoss(reduction=red)
-        torch.testing.assert_close(GGN(model, loss_fn, batches).to_dense(),
-                                   Hessian(model, loss_fn, batches).to_dense(),
-                                   rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            GGN(model, loss_fn, batches).to_dense(),
+            Hessian(model, loss_fn, batches).to_dense(),
+            rtol=RTOL,
+            atol=ATOL,
+        )
 
 
-class DeepQuadratic(nn.Module):
-    """DeepOBS ``quadratic_deep``-style problem: loss 1/2 (theta - x)^T Q (theta - x).
+def test_hessian_of_deepobs_quadratic_deep_is_q():
+    from curvlab.problems.quadratic import make_quadratic_deep
 
-    ``out = (theta - x) R^T`` with ``R^T R = (D / 2) Q`` so that ``MSELoss`` (mean over N and D
-    outputs, zero targets) has Hessian ``Q`` w.r.t. ``theta`` (for one example ``N = 1`` per
-    loss term average, i.e. the mean over examples).
-    """
-
-    def __init__(self, q: torch.Tensor) -> None:
-        super().__init__()
-        d = q.shape[0]
-        self.theta = nn.Parameter(torch.randn(d, dtype=q.dtype))
-        evals, evecs = torch.linalg.eigh(q)
-        root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
-        self.register_buffer("r", root * math.sqrt(d / 2.0))
-
-    def forward(self, x):
-        return (self.theta - x) @ self.r.T
-
-
-def deepobs_q(d: int, seed: int) -> torch.Tensor:
-    """90% of eigenvalues in [0, 1], 10% in [30, 60], random rotation (DeepOBS quadratic_deep)."""
-    g = torch.Generator().manual_seed(seed)
-    n_big = max(1, d // 10)
-    evals = torch.cat([torch.rand(d - n_big, generator=g, dtype=DT),
-                       30 + 30 * torch.rand(n_big, generator=g, dtype=DT)])
-    rot, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))
-    return rot @ torch.diag(evals) @ rot.T
-
-
-def test_hessian_of_deep_quadratic_is_q():
-    q = deepobs_q(10, seed=0)
-    model = DeepQuadratic(q)
-    x = torch.randn(7, 10, dtype=DT)
-    H = Hessian(model, nn.MSELoss(), [(x[:3], torch.zeros(3, 10, dtype=DT)),
-                                      (x[3:], torch.zeros(4, 10, dtype=DT))])
-    torch.testing.assert_close(H.to_dense(), q, rtol=RTOL, atol=1e-9)
-    torch.testing.assert_close(GGN(model, nn.MSELoss(), (x, torch.zeros_like(x))).to_dense(), q,
-                               rtol=RTOL, atol=1e-9)
+    prob = make_quadratic_deep(num_train=8, num_test=1)
+    x, t = prob.dataset.train
+    data = [(x[:3], t[:3]), (x[3:], t[3:])]
+    H = Hessian(prob.model, prob.loss_fn, data)
+    torch.testing.assert_close(H.to_dense(), prob.Q, rtol=RTOL, atol=1e-9)
+    G = GGN(prob.model, prob.loss_fn, data)
+    torch.testing.assert_close(G.to_dense(), prob.Q, rtol=RTOL, atol=1e-9)
+    top = lanczos(H, k=2, num_iter=40, generator=torch.Generator().manual_seed(0)).eigenvalues
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(prob.Q)[-2:], rtol=1e-8, atol=1e-8)
 
 
 @settings(max_examples=6, deadline=None)
@@ -354,16 +388,18 @@ def test_symmetry_and_linearity(width, n, seed, op_index, k):
     x = torch.randn(n, 3, dtype=DT)
     y = torch.randint(0, 2, (n,))
     loss_fn = nn.CrossEntropyLoss()
-    ops = [Hessian(model, loss_fn, (x, y)), GGN(model, loss_fn, (x, y)),
-           EmpiricalFisher(model, loss_fn, (x, y)),
-           Fisher(model, loss_fn, (x, y), mc_samples=2, generator=seed)]
+    ops = [
+        Hessian(model, loss_fn, (x, y)),
+        GGN(model, loss_fn, (x, y)),
+        EmpiricalFisher(model, loss_fn, (x, y)),
+        Fisher(model, loss_fn, (x, y), mc_samples=2, generator=seed),
+    ]
     A = ops[op_index]
     p = A.shape[0]
     u, v = torch.randn(p, k, dtype=DT), torch.randn(p, k, dtype=DT)
     au, av = A @ u, A @ v
     torch.testing.assert_close((u * av).sum(0), (v * au).sum(0), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(A @ (2.0 * u - 3.0 * v), 2.0 * au - 3.0 * av, rtol=1e-8,
-                               atol=1e-10)
+    torch.testing.assert_close(A @ (2.0 * u - 3.0 * v), 2.0 * au - 3.0 * av, rtol=1e-8, atol=1e-10)
     # columns of a matrix product equal single products
     torch.testing.assert_close(au[:, 0], A @ u[:, 0].contiguous(), rtol=1e-10, atol=1e-12)
 
@@ -477,8 +513,12 @@ def test_error_wrong_vector_shapes():
     with pytest.raises(ValueError, match="expected a list of 4"):
         op @ [torch.zeros(5, 4, dtype=DT)]
     with pytest.raises(ValueError, match="shape"):
-        op @ [torch.zeros(4, 5, dtype=DT), torch.zeros(5, dtype=DT), torch.zeros(3, 5, dtype=DT),
-              torch.zeros(3, dtype=DT)]
+        op @ [
+            torch.zeros(4, 5, dtype=DT),
+            torch.zeros(5, dtype=DT),
+            torch.zeros(3, 5, dtype=DT),
+            torch.zeros(3, dtype=DT),
+        ]
     with pytest.raises(ValueError, match="unknown"):
         op @ {"nope": torch.zeros(1, dtype=DT)}
     with pytest.raises(ValueError, match="dtype"):
@@ -504,7 +544,7 @@ def test_error_construction():
         Fisher(model, nn.CrossEntropyLoss(), data, mc_samples=0)
     with pytest.raises(TypeError, match="likelihood"):
         Fisher(model, lambda o, y: (o**2).sum(), data)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         GGN(lambda x: x, nn.MSELoss(), data)
     with pytest.raises(TypeError, match="batch 0"):
         GGN(model, nn.MSELoss(), [data[0][0]])
@@ -512,18 +552,23 @@ def test_error_construction():
 
 def test_error_non_floating_parameters():
     model, shape = make_model("mlp_tanh")
-    model.register_parameter("count", nn.Parameter(torch.zeros(2, dtype=torch.long),
-                                                   requires_grad=False))
+    model.register_parameter(
+        "count", nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+    )
     data = make_data(model, shape, "ce")
-    with pytest.raises(TypeError, match="'count' has dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"'count' has dtype torch\.int64"):
         GGN(model, nn.CrossEntropyLoss(), data, params=["count"])
 
 
 def test_dataloader_data():
-    model, shape = make_model("mlp_tanh")
+    model, _ = make_model("mlp_tanh")
     x = torch.randn(8, 4, dtype=DT)
     y = torch.randint(0, 3, (8,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
     loss_fn = nn.CrossEntropyLoss()
-    torch.testing.assert_close(GGN(model, loss_fn, loader).to_dense(),
-                               GGN(model, loss_fn, (x, y)).to_dense(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        GGN(model, loss_fn, loader).to_dense(),
+        GGN(model, loss_fn, (x, y)).to_dense(),
+        rtol=RTOL,
+        atol=ATOL,
+    )

@@ -34,7 +34,13 @@ import pandas as pd
 from curvlab.experiments.provenance import provenance
 from curvlab.experiments.registry import Context, Outcome, get_experiment, list_experiments
 
-__all__ = ["ExperimentReport", "reproduce", "resolve_names", "summary_markdown"]
+__all__ = [
+    "ExperimentReport",
+    "markdown_table",
+    "reproduce",
+    "resolve_names",
+    "summary_markdown",
+]
 
 
 @dataclass
@@ -92,6 +98,28 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, *, digits: int = 4) -> str:
+    """A pipe table of ``frame`` (floats with ``digits`` significant digits; NaN as ``—``).
+
+    Example:
+        >>> print(markdown_table(pd.DataFrame({"a": [1.23456, float("nan")], "b": ["x", "y"]})))
+        | a | b |
+        |---|---|
+        | 1.235 | x |
+        | — | y |
+    """
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "—" if v != v else f"{v:.{digits}g}"
+        return str(v).replace("|", "/")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def _key_numbers(outcome: Outcome) -> str:

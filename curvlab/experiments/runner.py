@@ -330,9 +330,9 @@ def run_all(
         order = {k: i for i, k in enumerate(keys)}
         summary = summary[summary["key"].isin(order)]
         summary = summary.sort_values("key", key=lambda s: s.map(order), kind="stable")
-        summary = summary.dropna(axis=1, how="all").reset_index(drop=True)
+        summary = summary.reset_index(drop=True)
     if not trace.empty:
-        trace = trace[trace["key"].isin(set(keys))].dropna(axis=1, how="all").reset_index(drop=True)
+        trace = trace[trace["key"].isin(set(keys))].reset_index(drop=True)
     return summary, trace
 
 

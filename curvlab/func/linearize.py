@@ -83,13 +83,20 @@ class _LinearRule(_ModuleRule):
 
     def tangent(self, mod, ctx, tx, tp):
         x, w = ctx
-        out = None
+        tw, tb = tp.get("weight"), tp.get("bias")
+        if tw is None:
+            out = None if tx is None else F.linear(tx, w, tb)
+            if out is None and tb is not None:
+                out = tb.expand(*x.shape[:-1], tb.shape[-1])
+            return out
+        out = F.linear(x, tw, tb)  # bias tangent fused into the matmul
         if tx is not None:
-            out = F.linear(tx, w)
-        if tp.get("weight") is not None:
-            out = _add(out, F.linear(x, tp["weight"]))
-        if tp.get("bias") is not None:
-            out = _add(out, tp["bias"])
+            if out.dim() == 2 and tx.dim() == 2 and not torch._C._functorch.is_batchedtensor(
+                out
+            ):
+                out.addmm_(tx, w.t())  # accumulate W tx without a separate add pass
+            else:
+                out = out + F.linear(tx, w)
         return out
 
 
@@ -105,14 +112,19 @@ class _ConvRule(_ModuleRule):
 
     def tangent(self, mod, ctx, tx, tp):
         x, w = ctx
+        tw, tb = tp.get("weight"), tp.get("bias")
+        if tx is not None and tw is not None and mod.groups == 1:
+            # W * tx + tW * x as ONE convolution over concatenated input channels
+            return self._conv(mod, torch.cat([tx, x], 1), torch.cat([w, tw], 1), tb)
         out = None
         if tx is not None:
-            out = self._conv(mod, tx, w)
-        if tp.get("weight") is not None:
-            out = _add(out, self._conv(mod, x, tp["weight"]))
-        if tp.get("bias") is not None:
-            tb = _channel_view(tp["bias"], x.dim())
-            out = tb.expand_as(out) if out is None else out + tb
+            out = self._conv(mod, tx, w, tb)
+        elif tw is not None:
+            out = self._conv(mod, x, tw, tb)
+        else:
+            out = self._conv(mod, torch.zeros_like(x), w, tb)  # bias tangent only
+        if tx is not None and tw is not None:  # grouped convolution
+            out = out + self._conv(mod, x, tw)
         return out
 
 
@@ -491,7 +503,7 @@ class _LayerwiseLinearization(Linearization):
                 else:
                     fn = node.target
                 out = fn(*args, **kwargs)
-                ctx = (args, kwargs, out) if isinstance(out, Tensor | tuple | list) else None
+                ctx = (args, kwargs, out) if _has_float_tensor(out) else None
                 self._tape.append(_TapeEntry(node, "function", fn, ctx))
                 env[node] = out
             elif node.op == "output":
@@ -524,7 +536,10 @@ class _LayerwiseLinearization(Linearization):
             tenv[node] = tangents.get(name)
 
         def tload(a):
-            return fx.node.map_arg(a, lambda n: tenv.get(n))
+            # tangents of graph values; constants (numbers, flags) carry no tangent
+            return fx.node.map_aggregate(
+                a, lambda n: tenv.get(n) if isinstance(n, fx.Node) else None
+            )
 
         for entry in self._tape:
             node = entry.node
@@ -576,6 +591,16 @@ class _LayerwiseLinearization(Linearization):
         )
         with _replay_rng(rng):
             return torch.func.jvp(f, primals, tans)[1]
+
+
+def _has_float_tensor(tree) -> bool:
+    """Whether ``tree`` holds a floating-point tensor (e.g. not a ``torch.Size``)."""
+    if isinstance(tree, Tensor):
+        return tree.is_floating_point()
+    if isinstance(tree, torch.Size) or not isinstance(tree, tuple | list):
+        return False
+    leaves, _ = torch.utils._pytree.tree_flatten(tree)
+    return any(isinstance(leaf, Tensor) and leaf.is_floating_point() for leaf in leaves)
 
 
 def _all_none(tree) -> bool:

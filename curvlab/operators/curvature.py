@@ -236,22 +236,52 @@ class CurvatureOperator(LinearOperator):
     def _begin_product(self) -> None:
         """Hook called before each product's data pass (e.g. to reseed a sampler)."""
 
+    #: Columns per vectorized (``vmap``) tangent/backward pass in a matrix product.
+    vectorize_chunk = 16
+
     def _linearized_products(
-        self, inputs: Any, targets: Any, vs: list[list[Tensor]], output_space: Any
+        self,
+        inputs: Any,
+        targets: Any,
+        vs: list[list[Tensor]],
+        output_space: Any,
+        prepare: Any = None,
     ) -> tuple[Tensor, Tensor]:
         """``J^T (output_space(output, J v))`` for each tangent, with one forward per batch.
 
-        The model is linearized once (:func:`curvlab.func.linearize`); each tangent costs one
-        tangent pass and one backward through the recorded graph.
+        The model is linearized once (:func:`curvlab.func.linearize`). Columns are pushed
+        through in chunks of :attr:`vectorize_chunk` with ``vmap``-ed tangent passes and one
+        batched backward (``is_grads_batched``); if a layer does not support ``vmap`` the
+        operator falls back to one tangent pass and one backward per column (same result).
+        ``prepare(output)``, if given, runs once before any column (e.g. to draw MC samples).
         """
         lin = linearize(self.model, self._params, inputs)
         output = lin.output.detach()
+        if prepare is not None:
+            prepare(output)
+        k = len(vs)
+        parts: list[Tensor] = []
+        start = 0
+        if k > 1 and getattr(self, "_vmap_ok", True):
+            try:
+                while start < k:
+                    chunk = vs[start:start + self.vectorize_chunk]
+                    tangents = [torch.stack([v[i] for v in chunk]) for i in range(len(chunk[0]))]
+                    u = lin.jvp_batched(tangents)
+                    r = torch.func.vmap(lambda ui: output_space(output, ui))(u)
+                    grads = lin.vjp_batched(r, retain_graph=True)
+                    parts.append(torch.cat([g.reshape(len(chunk), -1) for g in grads], 1).T)
+                    start += len(chunk)
+            except (RuntimeError, NotImplementedError, ValueError):
+                self._vmap_ok = False  # e.g. a generic layer draws random numbers under vmap
         cols = []
-        for j, v in enumerate(vs):
-            u = lin.jvp(v)
+        for j in range(start, k):
+            u = lin.jvp(vs[j])
             r = output_space(output, u)
-            cols.append(lin.vjp(r, retain_graph=j < len(vs) - 1))
-        return stack_columns(cols), output
+            cols.append(lin.vjp(r, retain_graph=j < k - 1))
+        if cols:
+            parts.append(stack_columns(cols))
+        return torch.cat(parts, dim=1), output
 
     # ------------------------------------------------------------------ helpers
 

@@ -98,25 +98,20 @@ class Fisher(CurvatureOperator):
         rule, s, gen = self.rule, self.mc_samples, self._active
         cache: list[Tensor] = []
 
-        def output_space(out: Tensor, u: Tensor) -> Tensor:
-            # draw once per batch and product, reuse for every column
-            if not cache:
-                cache.append(rule.sample_grads(out, s, gen))
-            samples = cache[0]
-            r = torch.zeros_like(u)
-            for smp in samples:
-                r = r + smp * _block_dot(smp, u)
-            return r / s
+        def prepare(out: Tensor) -> None:
+            # one draw per batch and product, shared by every column
+            cache.append(rule.sample_grads(out, s, gen))
 
-        return self._linearized_products(inputs, targets, vs, output_space)
+        def output_space(out: Tensor, u: Tensor) -> Tensor:
+            samples = cache[0]  # (S, N, ...)
+            dots = (samples * u).reshape(s, u.shape[0], -1).sum(-1)  # (S, N)
+            dots = dots.reshape(s, u.shape[0], *([1] * (u.dim() - 1)))
+            return (samples * dots).sum(0) / s
+
+        return self._linearized_products(inputs, targets, vs, output_space, prepare)
 
     def _repr_extra(self) -> str:
         return f"loss={self.rule!r}, mc_samples={self.mc_samples}, seed={self.seed}"
-
-
-def _block_dot(a: Tensor, b: Tensor) -> Tensor:
-    prod = (a * b).reshape(a.shape[0], -1).sum(1)
-    return prod.reshape(-1, *([1] * (a.dim() - 1)))
 
 
 class EmpiricalFisher(CurvatureOperator):

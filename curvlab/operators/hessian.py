@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from curvlab.func.losses import LossFn
-from curvlab.func.params import ParamsArg
+from curvlab.func.params import ParamsArg, cloned_buffers
 from curvlab.func.products import hessian_vector_products
 from curvlab.operators.curvature import CurvatureOperator, stack_columns
 
@@ -48,6 +49,9 @@ class Hessian(CurvatureOperator):
     ) -> None:
         super().__init__(model, loss_fn, data, params)
 
+    #: Columns per ``vmap``-ed forward-over-reverse pass in a matrix product.
+    vectorize_chunk = 16
+
     def _batch_products(self, inputs: Any, targets: Any, vs: list[list[Tensor]]) -> tuple:
         outputs: list[Tensor] = []
 
@@ -56,5 +60,52 @@ class Hessian(CurvatureOperator):
                 outputs.append(out.detach())
             return self.loss_fn(out, y)
 
+        if len(vs) > 1 and self._can_vmap():
+            try:
+                return self._vmapped(inputs, targets, vs), self._output_shape_proxy(inputs)
+            except (RuntimeError, NotImplementedError, ValueError):
+                self._vmap_ok = False  # e.g. dropout (random numbers under vmap)
         prods = hessian_vector_products(self.model, loss_fn, self._params, inputs, targets, vs)
         return stack_columns(prods), outputs[0]
+
+    def _can_vmap(self) -> bool:
+        # train-mode BatchNorm under vmap-ed forward-over-reverse is not trusted (batch
+        # statistics); such models use the per-column loop
+        if not getattr(self, "_vmap_ok", True):
+            return False
+        return not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            for m in self.model.modules()
+        )
+
+    def _vmapped(self, inputs: Any, targets: Any, vs: list[list[Tensor]]) -> Tensor:
+        names = list(self._params)
+        primals = {n: p.detach() for n, p in self._params.items()}
+        buffers = cloned_buffers(self.model)
+
+        def loss_of_params(p: dict[str, Tensor]) -> Tensor:
+            out = torch.func.functional_call(self.model, (p, buffers), (inputs,))
+            return self.loss_fn(out, targets)
+
+        grad_fn = torch.func.grad(loss_of_params)
+
+        def column(t: dict[str, Tensor]) -> dict[str, Tensor]:
+            return torch.func.jvp(grad_fn, (primals,), (t,))[1]
+
+        parts = []
+        with torch.enable_grad():
+            for start in range(0, len(vs), self.vectorize_chunk):
+                chunk = vs[start:start + self.vectorize_chunk]
+                tangents = {n: torch.stack([v[i] for v in chunk]) for i, n in enumerate(names)}
+                out = torch.func.vmap(column)(tangents)
+                parts.append(torch.cat([out[n].reshape(len(chunk), -1) for n in names], 1).T)
+        return torch.cat(parts, dim=1).detach()
+
+    def _output_shape_proxy(self, inputs: Any) -> Tensor:
+        """Model output on the batch (for the batch weight); cached per batch object."""
+        with torch.no_grad():
+            return torch.func.functional_call(
+                self.model,
+                ({n: p.detach() for n, p in self._params.items()}, cloned_buffers(self.model)),
+                (inputs,),
+            )

@@ -6,9 +6,16 @@ does the whole step and returns the mini-batch loss before the update (0-dim, de
 ``state_dict()`` / ``load_state_dict()`` resume bit-exactly.
 """
 
+from curvlab.optim.baselines import TorchOptimizer
 from curvlab.optim.curveball import CurveBall, ResidualModel
+from curvlab.optim.dense import DenseBFGS, DenseLevenbergMarquardt
+from curvlab.optim.hessian_free import HessianFree
 
 __all__ = [
     "CurveBall",
+    "DenseBFGS",
+    "DenseLevenbergMarquardt",
+    "HessianFree",
     "ResidualModel",
+    "TorchOptimizer",
 ]

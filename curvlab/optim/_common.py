@@ -18,6 +18,8 @@ __all__ = [
     "RngState",
     "check_hyper",
     "dot64",
+    "evaluate_output",
+    "is_finite",
     "new_counters",
     "replay_rng",
     "restore_buffers",
@@ -116,3 +118,16 @@ def is_finite(*tensors: Tensor) -> bool:
     """Whether every entry of every tensor is finite (one device sync)."""
     flags = [torch.isfinite(t).all() for t in tensors]
     return bool(torch.stack(flags).all())
+
+
+def evaluate_output(model: nn.Module, params: dict[str, Tensor], inputs: Any,
+                    rng: RngState, engine: str = "auto") -> Tensor:
+    """Model output at the current parameter values, replaying ``rng`` (same dropout masks
+    as the forward that captured it) and without updating buffers (BatchNorm in train mode
+    normalizes with batch statistics). Uses the same linearization engine as the step's
+    forward so the random draws happen in the same order."""
+    from curvlab.func import linearize  # local: keep this module import-light
+
+    with replay_rng(rng):
+        lin = linearize(model, params, inputs, update_buffers=False, engine=engine)
+    return lin.output.detach()

@@ -22,183 +22,82 @@ Conventions (spec ``kfac.md`` §0, matching ``curvlab``'s GGN scale):
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "KFACCurvature",
-    "LayerInfo",
-    "OutputCapture",
-    "find_kfac_layers",
-]
+from curvlab.kfac import (
+    EighError,
+    KFACLayer,
+    KroneckerFactors,
+    find_layers,
+    input_factor,
+    output_factor,
+)
+from curvlab.kfac import safe_eigh as _kfac_safe_eigh
+from curvlab.kfac.tridiagonal import TridiagonalFactors, TridiagonalInverse
 
-
-@dataclass
-class LayerInfo:
-    """A supported layer: module, its kind and the selected parameter names it owns."""
-
-    name: str
-    module: nn.Module
-    kind: str  # "linear" | "conv2d"
-    weight: str
-    bias: str | None
-
-
-def _supported(mod: nn.Module) -> str | None:
-    if type(mod) is nn.Linear:
-        return "linear"
-    if type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros" \
-            and isinstance(mod.padding, tuple):
-        return "conv2d"
-    return None
-
-
-def find_kfac_layers(
-    model: nn.Module, selected: Mapping[str, Tensor]
-) -> tuple[list[LayerInfo], list[str]]:
-    """Supported layers (``nn.Linear``, ``nn.Conv2d`` with ``groups=1``, zero padding) whose
-    weight is selected, and the names of all other selected parameters (unsupported)."""
-    by_id = {id(p): n for n, p in selected.items()}
-    layers: list[LayerInfo] = []
-    covered: set[str] = set()
-    for mname, mod in model.named_modules():
-        kind = _supported(mod)
-        if kind is None or id(mod.weight) not in by_id:
-            continue
-        w = by_id[id(mod.weight)]
-        if w in covered:  # the same module registered twice (shared) -> keep the first
-            continue
-        b = by_id.get(id(mod.bias)) if mod.bias is not None else None
-        layers.append(LayerInfo(mname or type(mod).__name__, mod, kind, w, b))
-        covered.update([w] if b is None else [w, b])
-    unsupported = [n for n in selected if n not in covered]
-    return layers, unsupported
-
-
-def _factor_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def input_rows(layer: LayerInfo, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``ā`` rows ``(N·T, d_in [+1])`` of a layer input (conv: im2col patches)."""
-    mod = layer.module
-    if layer.kind == "conv2d":
-        x = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, CK, L)
-        rows = x.transpose(1, 2).reshape(-1, x.shape[1])
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-    rows = rows.to(dtype)
-    if layer.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
-
-
-def output_rows(layer: LayerInfo, g: Tensor, dtype: torch.dtype) -> Tensor:
-    """Output-derivative rows ``(N·T, d_out)``."""
-    if layer.kind == "conv2d":
-        return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1]).to(dtype)
-    return g.reshape(-1, g.shape[-1]).to(dtype)
-
-
-def grad_matrix(layer: LayerInfo, gw: Tensor, gb: Tensor | None) -> Tensor:
-    """``V = [∇W | ∇b]`` (``out × (in [+1])``)."""
-    v = gw.reshape(gw.shape[0], -1)
-    if layer.bias is not None:
-        v = torch.cat([v, gb.reshape(-1, 1)], dim=1)
-    return v
-
-
-def split_matrix(layer: LayerInfo, v: Tensor, wshape: torch.Size) -> tuple[Tensor, Tensor | None]:
-    if layer.bias is not None:
-        return v[:, :-1].reshape(wshape), v[:, -1].contiguous()
-    return v.reshape(wshape), None
-
-
-class OutputCapture:
-    """Forward hooks storing each supported layer's input (detached) and output (with graph).
-
-    While :attr:`active`, every call of a registered module in training mode appends to
-    ``inputs[name]`` / ``outputs[name]``. Output derivatives are obtained afterwards with
-    ``torch.autograd.grad(..., outputs)`` (only the paths to the layer outputs are
-    back-propagated). An output modified in place after the layer (e.g. ``ReLU(inplace=True)``)
-    would give derivatives of the wrong tensor; this is detected through the version counter.
-    """
-
-    def __init__(self, layers: Sequence[LayerInfo], *, keep_outputs: bool = True,
-                 grad_hook: Any = None) -> None:
-        self.layers = list(layers)
-        self.active = False
-        self.keep_outputs = keep_outputs
-        self.grad_hook = grad_hook  # optional fn(layer_name, grad) for tensor hooks
-        self.inputs: dict[str, list[Tensor]] = {}
-        self.outputs: dict[str, list[Tensor]] = {}
-        self._versions: dict[str, list[int]] = {}
-        self._handles = [
-            layer.module.register_forward_hook(self._make_hook(layer.name))
-            for layer in self.layers
-        ]
-
-    def _make_hook(self, name: str):
-        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
-            if not self.active or not mod.training or not torch.is_grad_enabled():
-                return
-            self.inputs.setdefault(name, []).append(args[0].detach())
-            if self.keep_outputs:
-                self.outputs.setdefault(name, []).append(out)
-                self._versions.setdefault(name, []).append(out._version)
-            if self.grad_hook is not None and out.requires_grad:
-                out.register_hook(lambda g, _n=name: self.grad_hook(_n, g))
-
-        return hook
-
-    def check_inplace(self) -> None:
-        for name, outs in self.outputs.items():
-            for out, ver in zip(outs, self._versions[name], strict=True):
-                if out._version != ver:
-                    raise RuntimeError(
-                        f"K-FAC: the output of layer {name!r} was modified in place after the "
-                        "layer (e.g. ReLU(inplace=True)); output derivatives would be wrong. "
-                        "Use out-of-place activations."
-                    )
-
-    def clear(self) -> None:
-        self.inputs = {}
-        self.outputs = {}
-        self._versions = {}
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+__all__ = ["KFACCurvature", "find_kfac_layers", "layer_factors"]
 
 
 def safe_eigh(x: Tensor, what: str) -> tuple[Tensor, Tensor] | None:
-    """Guarded eigendecomposition: symmetrize, NaN check, float64 retry, eigenvalues >= 0.
-
-    Returns ``None`` (after a warning) when no decomposition could be computed.
-    """
-    x = 0.5 * (x + x.mT)
-    if not bool(torch.isfinite(x).all()):
-        warnings.warn(f"K-FAC: factor {what} has non-finite entries; keeping the previous "
-                      "inverse", RuntimeWarning, stacklevel=4)
+    """:func:`curvlab.kfac.safe_eigh`, returning ``None`` after a warning on failure."""
+    try:
+        return _kfac_safe_eigh(x, name=what)
+    except EighError as err:
+        warnings.warn(f"K-FAC: {err}; keeping the previous inverse", RuntimeWarning,
+                      stacklevel=4)
         return None
-    for dtype in (x.dtype, torch.float64):
-        try:
-            d, q = torch.linalg.eigh(x.to(dtype))
-        except RuntimeError:
-            continue
-        if bool(torch.isfinite(d).all()) and bool(torch.isfinite(q).all()):
-            return d.clamp_min(0.0).to(x.dtype), q.to(x.dtype)
-    warnings.warn(f"K-FAC: eigendecomposition of factor {what} failed (also in float64); "
-                  "keeping the previous inverse", RuntimeWarning, stacklevel=4)
-    return None
+
+
+def find_kfac_layers(
+    model: nn.Module, selected: Mapping[str, Tensor], *, strict: bool, who: str
+) -> tuple[list[KFACLayer], list[str]]:
+    """Supported layers (:func:`curvlab.kfac.find_layers`) and the names of all other selected
+    parameters; one warning naming them (they get the plain gradient), or ``ValueError`` with
+    ``strict=True``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = find_layers(model, dict(selected), strict=False)
+    unsupported = [n for ps in table.unsupported.values() for n in ps]
+    if unsupported:
+        detail = "; ".join(f"{m or '<root>'} ({table.reasons.get(m, '?')}): {', '.join(ps)}"
+                           for m, ps in table.unsupported.items())
+        if strict:
+            raise ValueError(f"{who}: K-FAC does not support these modules/parameters: {detail}"
+                             "; exclude them with params= or pass strict=False")
+        warnings.warn(f"{who}: no Kronecker-factored block for {detail}; these parameters get "
+                      "the plain gradient (identity preconditioner)", UserWarning, stacklevel=3)
+    return list(table.layers), unsupported
+
+
+def _with_ones(layer: KFACLayer, x: Tensor) -> Tensor:
+    if layer.bias is None:
+        return x
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+def layer_factors(
+    layer: KFACLayer,
+    inputs: Sequence[Tensor],
+    out_grads: Sequence[Tensor],
+    *,
+    num_examples: int,
+    fisher: str,
+    reduction: str,
+    mc_samples: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """``A`` and ``G`` of one layer in ``dtype`` (see :mod:`curvlab.kfac.factors`)."""
+    A = input_factor(layer, [x.to(dtype) for x in inputs])
+    G = output_factor(layer, [g.to(dtype) for g in out_grads], num_examples, fisher=fisher,
+                      reduction=reduction, mc_samples=mc_samples)
+    return A, G
 
 
 class KFACCurvature:
@@ -212,7 +111,7 @@ class KFACCurvature:
     (second moments of per-example gradients in the Kronecker eigenbasis).
     """
 
-    def __init__(self, layers: Sequence[LayerInfo], *, ema_decay: float, inverse: str,
+    def __init__(self, layers: Sequence[KFACLayer], *, ema_decay: float, inverse: str,
                  ekfac: bool) -> None:
         if inverse not in ("eigen", "factored"):
             raise ValueError(f"inverse must be 'eigen' or 'factored', got {inverse!r}")
@@ -228,7 +127,13 @@ class KFACCurvature:
         self.scale: dict[str, Tensor] = {}  # EKFAC scalings (out x in)
         self.scale_new: dict[str, Tensor] = {}
         self.updates = 0  # number of EMA updates (k of the warm start)
+        self.scale_updates = 0
         self.dirty = False
+        self._explicit: dict[tuple[str, float], tuple[Tensor, Tensor]] = {}  # factored cache
+        self.tridiagonal = False
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}  # chain: (A_{i,i+1}, G_{i,i+1})
+        self.tri_snapshot: TridiagonalFactors | None = None  # factors at the last refresh
+        self._tri: dict[float, TridiagonalInverse] = {}
 
     # ---- statistics --------------------------------------------------------------------
     def ema_weight(self) -> float:
@@ -236,8 +141,16 @@ class KFACCurvature:
         k = self.updates + 1
         return min(1.0 - 1.0 / k, self.ema_decay)
 
-    def update(self, new_A: Mapping[str, Tensor], new_G: Mapping[str, Tensor]) -> None:
+    def update(self, new_A: Mapping[str, Tensor], new_G: Mapping[str, Tensor],
+               new_cross: Mapping[int, tuple[Tensor, Tensor]] | None = None) -> None:
+        """EMA update of the factors (and of the cross-layer factors of a chain)."""
         eps = self.ema_weight()
+        for i, (ca, cg) in (new_cross or {}).items():
+            if i in self.cross and eps > 0.0:
+                oa, og = self.cross[i]
+                self.cross[i] = (eps * oa + (1.0 - eps) * ca, eps * og + (1.0 - eps) * cg)
+            else:
+                self.cross[i] = (ca.clone(), cg.clone())
         for name, a in new_A.items():
             g = new_G[name]
             if name in self.A and eps > 0.0:
@@ -258,15 +171,26 @@ class KFACCurvature:
                 self.scale[name] = eps * self.scale[name] + (1.0 - eps) * s
             else:
                 self.scale[name] = s.clone()
-        self.scale_updates = getattr(self, "scale_updates", 0) + 1
+        self.scale_updates += 1
 
     def ema_weight_scale(self) -> float:
-        k = getattr(self, "scale_updates", 0) + 1
+        k = self.scale_updates + 1
         return min(1.0 - 1.0 / k, self.ema_decay)
 
     # ---- inverses ----------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Recompute the eigendecompositions of all factors (failures keep the last good one)."""
+    def refresh(self, damping: float | None = None) -> None:
+        """Recompute the eigendecompositions of all factors (failures keep the last good one);
+        with ``inverse='factored'`` and a ``damping``, also the explicit damped inverses."""
+        self._explicit.clear()
+        if self.tridiagonal and all(layer.name in self.A for layer in self.layers) \
+                and len(self.cross) == len(self.layers) - 1:
+            self._tri.clear()
+            self.tri_snapshot = TridiagonalFactors(
+                [KroneckerFactors(self.A[la.name].clone(), self.G[la.name].clone(), 0)
+                 for la in self.layers],
+                [self.cross[i][0].clone() for i in range(len(self.layers) - 1)],
+                [self.cross[i][1].clone() for i in range(len(self.layers) - 1)],
+            )
         for layer in self.layers:
             name = layer.name
             if name not in self.A:
@@ -281,42 +205,81 @@ class KFACCurvature:
                 self.scale[name] = torch.outer(eg[0], ea[0])
                 self.scale_updates = 0
         self.dirty = False
+        if damping is not None and self.inverse == "factored":
+            for layer in self.layers:
+                if layer.name in self.eig:
+                    self._explicit_inverses(layer, damping)
 
-    def precondition(self, layer: LayerInfo, v: Tensor, damping: float) -> Tensor:
-        """Apply the damped inverse block to ``V`` (matrix form, any float dtype)."""
-        dA, QA, dG, QG = self.eig[layer.name]
-        vf = v.to(QA.dtype)
-        t = QG.mT @ vf @ QA
-        if self.inverse == "eigen":
-            denom = self.scale[layer.name] if self.ekfac else torch.outer(dG, dA)
-            t = t / (denom + damping)
-        else:
+    def _explicit_inverses(self, layer: KFACLayer, damping: float) -> tuple[Tensor, Tensor]:
+        key = (layer.name, damping)
+        if key not in self._explicit:
+            dA, QA, dG, QG = self.eig[layer.name]
             ta, tg = float(dA.sum()) / dA.numel(), float(dG.sum()) / dG.numel()
             pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
             root = math.sqrt(damping)
-            t = t / torch.outer(dG + root / pi, dA + pi * root)
-        return (QG @ t @ QA.mT).to(v.dtype)
+            if len(self._explicit) > 4 * max(1, len(self.layers)):
+                self._explicit.clear()
+            self._explicit[key] = ((QG / (dG + root / pi)) @ QG.mT,
+                                   (QA / (dA + pi * root)) @ QA.mT)
+        return self._explicit[key]
 
-    def ekfac_scale(self, layer: LayerInfo, a_rows: Tensor, g_rows: Tensor, n: int,
+    def precondition(self, layer: KFACLayer, v: Tensor, damping: float) -> Tensor:
+        """Apply the damped inverse block to ``V`` (matrix form, any float dtype)."""
+        dA, QA, dG, QG = self.eig[layer.name]
+        vf = v.to(QA.dtype)
+        if self.inverse == "eigen":
+            denom = self.scale[layer.name] if self.ekfac else torch.outer(dG, dA)
+            out = QG @ ((QG.mT @ vf @ QA) / (denom + damping)) @ QA.mT
+        else:
+            g_inv, a_inv = self._explicit_inverses(layer, damping)
+            out = g_inv @ vf @ a_inv
+        return out.to(v.dtype)
+
+    def ekfac_scale(self, layer: KFACLayer, inputs: Sequence[Tensor], grads: Tensor,
                     weight: float) -> Tensor | None:
-        r"""New EKFAC scalings ``S_{ij} = w Σ_n (Q_G^T D_n Q_A)_{ij}^2`` from per-example
-        gradients ``D_n = Σ_t g_{nt} ā_{nt}^T`` (``w`` carries the Fisher's scale)."""
+        r"""EKFAC scalings ``S_{ij} = w Σ_n (Q_G^T D_n Q_A)_{ij}^2`` of one back-propagated pass,
+        from per-example gradients ``D_n = Σ_t g_{nt} ā_{nt}^T`` (``w``: the Fisher scale).
+
+        ``inputs``: expanded inputs ``(N, T, fan_in)`` (pooled over calls); ``grads``: output
+        derivatives ``(N, T, out)`` of that pass.
+        """
         if layer.name not in self.eig:
             return None
-        dA, QA, dG, QG = self.eig[layer.name]
-        a = (a_rows.to(QA.dtype) @ QA).reshape(n, -1, QA.shape[0])
-        g = (g_rows.to(QG.dtype) @ QG).reshape(n, -1, QG.shape[0])
+        _, QA, _, QG = self.eig[layer.name]
+        x = torch.cat([_with_ones(layer, t.to(QA.dtype)) for t in inputs])
+        a = x @ QA
+        g = grads.to(QG.dtype) @ QG
         if a.shape[1] == 1:
             return weight * (g[:, 0].square().mT @ a[:, 0].square())
         d = torch.einsum("nto,nti->noi", g, a)
         return weight * d.square().sum(0)
 
     # ---- state ----------------------------------------------------------------------------
+    def tridiagonal_apply(self, vs: Sequence[Tensor], damping: float) -> list[Tensor] | None:
+        """Block-tridiagonal inverse (Martens & Grosse's ``Ξᵀ Λ Ξ``, factored damping) of the
+        chain at the last refresh; ``None`` if unavailable (e.g. singular, warned)."""
+        if self.tri_snapshot is None:
+            return None
+        if damping not in self._tri:
+            try:
+                inv = TridiagonalInverse(self.tri_snapshot, damping)
+            except (EighError, ValueError) as err:
+                warnings.warn(f"K-FAC: block-tridiagonal inverse failed ({err}); using the "
+                              "block-diagonal inverse", RuntimeWarning, stacklevel=4)
+                return None
+            if len(self._tri) > 4:
+                self._tri.clear()
+            self._tri[damping] = inv
+        inv = self._tri[damping]
+        dtype = inv.inv_A[0].dtype
+        return [u.to(v.dtype) for u, v in zip(inv.apply([v.to(dtype) for v in vs]), vs)]
+
     def memory_bytes(self) -> dict[str, int]:
         def size(ts) -> int:
             return sum(t.numel() * t.element_size() for t in ts)
 
-        factors = size(list(self.A.values()) + list(self.G.values()))
+        factors = size(list(self.A.values()) + list(self.G.values())
+                       + [t for c in self.cross.values() for t in c])
         inverses = size([t for e in self.eig.values() for t in e]) + size(self.scale.values())
         return {"factors": factors, "inverses": inverses, "total": factors + inverses}
 
@@ -327,8 +290,10 @@ class KFACCurvature:
             "eig": {k: tuple(t.clone() for t in v) for k, v in self.eig.items()},
             "scale": {k: v.clone() for k, v in self.scale.items()},
             "updates": self.updates,
-            "scale_updates": getattr(self, "scale_updates", 0),
+            "scale_updates": self.scale_updates,
             "dirty": self.dirty,
+            "cross": {k: tuple(t.clone() for t in v) for k, v in self.cross.items()},
+            "tri_snapshot": None if self.tri_snapshot is None else copy.deepcopy(self.tri_snapshot),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -344,29 +309,38 @@ class KFACCurvature:
         self.updates = int(state["updates"])
         self.scale_updates = int(state["scale_updates"])
         self.dirty = bool(state["dirty"])
+        self._explicit.clear()
+        self.cross = {int(k): tuple(t.clone() for t in v) for k, v in state["cross"].items()}
+        snap = state["tri_snapshot"]
+        self.tri_snapshot = None if snap is None else copy.deepcopy(snap)
+        self._tri.clear()
 
 
-def layer_statistics(
-    layer: LayerInfo,
-    inputs: Sequence[Tensor],
-    out_grads: Sequence[Sequence[Tensor]],
-    *,
-    num_examples: int,
-    grad_scale: float,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""New ``A``, ``G`` of one layer and the concatenated rows.
-
-    ``inputs``: the layer inputs of each call; ``out_grads[j]``: for each back-propagated
-    vector ``j`` (a Monte-Carlo sample or a square-root column), the output derivatives of each
-    call. ``grad_scale`` multiplies ``G`` (``1/mc_samples``, ``N`` for the empirical Fisher of a
-    mean loss, 1 otherwise).
-    """
-    a_rows = torch.cat([input_rows(layer, x, dtype) for x in inputs])
-    A = a_rows.mT @ a_rows / num_examples
-    t = a_rows.shape[0] / num_examples  # locations per example
-    g_rows = torch.stack(
-        [torch.cat([output_rows(layer, g, dtype) for g in gs]) for gs in out_grads]
-    )  # (J, N·T, out)
-    G = torch.einsum("jro,jrp->op", g_rows, g_rows) * (grad_scale / t)
-    return A, G, a_rows, g_rows
+def precondition_grads(
+    curv: KFACCurvature,
+    names: Sequence[str],
+    grads: Sequence[Tensor],
+    damping: float,
+) -> tuple[list[Tensor], set[int]]:
+    """``F̆⁻¹ g`` per layer for gradients listed in the order of ``names``; parameters of
+    unsupported modules and of layers without an inverse yet keep their gradient. Also returns
+    the indices that were preconditioned."""
+    index = {n: i for i, n in enumerate(names)}
+    out = list(grads)
+    done: set[int] = set()
+    if not grads:
+        return out, done
+    with torch.autocast(device_type=grads[0].device.type, enabled=False):
+        for layer in curv.layers:
+            if layer.name not in curv.eig or layer.weight not in index:
+                continue
+            iw = index[layer.weight]
+            ib = index.get(layer.bias) if layer.bias is not None else None
+            v = layer.to_matrix(grads[iw], None if ib is None else grads[ib])
+            uw, ub = layer.from_matrix(curv.precondition(layer, v, damping))
+            out[iw] = uw.reshape(grads[iw].shape)
+            done.add(iw)
+            if ib is not None:
+                out[ib] = ub
+                done.add(ib)
+    return out, done

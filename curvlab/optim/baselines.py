@@ -64,7 +64,8 @@ class TorchOptimizer:
         params: ParamsArg = None,
         **kwargs: Any,
     ) -> None:
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        if not (isinstance(optimizer_cls, type)
+                and issubclass(optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(
                 f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
             )
@@ -92,7 +93,7 @@ class TorchOptimizer:
             def closure() -> Tensor:
                 with torch.enable_grad():
                     loss = self._loss(inputs, targets)
-                    if not first and not math.isfinite(float(loss)):
+                    if not first and not math.isfinite(float(loss.detach())):
                         first.append(loss.detach())
                         raise _NonFinite
                     loss.backward()
@@ -110,7 +111,7 @@ class TorchOptimizer:
 
         with torch.enable_grad():
             loss = self._loss(inputs, targets)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 return self._skip(buffers, loss.detach(), "loss")
             loss.backward()
         self.counters["backward"] += 1
@@ -137,8 +138,10 @@ class TorchOptimizer:
                 "counters": dict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore a :meth:`state_dict` (copied: the same state can seed several optimizers)."""
+        import copy
+
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.counters = dict(state["counters"])
 
     def __repr__(self) -> str:

@@ -65,9 +65,9 @@ from curvlab.func.params import ParamsArg
 from curvlab.optim._common import (
     check_hyper,
     dot64,
+    evaluate_output,
     is_finite,
     new_counters,
-    replay_rng,
     restore_buffers,
     rng_state,
     snapshot_buffers,
@@ -327,10 +327,7 @@ class CurveBall:
     def _reevaluate(self, inputs: Any, rng: Any) -> Tensor:
         """Model output at the current parameters with the RNG (dropout masks) of ``rng`` and
         no buffer update (BatchNorm in train mode uses batch statistics)."""
-        with replay_rng(rng):
-            lin = linearize(self.model, self.params, inputs, update_buffers=False,
-                            engine=self.engine)
-        return lin.output.detach()
+        return evaluate_output(self.model, self.params, inputs, rng, self.engine)
 
     def _adapt_lambda(self, ratio: float) -> None:
         omega = self.lambda_factor**self.lambda_interval

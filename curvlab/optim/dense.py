@@ -115,16 +115,14 @@ class DenseLevenbergMarquardt(_DenseBase):
         self.counters["forward"] += 1
         self.rule.check(out, targets)
         loss = self.rule.value(out, targets).detach()
-        J = torch.func.jacrev(lambda v: self._output(v, inputs))(w).reshape(out.numel(), -1)
+        J = torch.func.jacfwd(lambda v: self._output(v, inputs))(w)  # (*out.shape, P)
         self.counters["jvp"] += self.num_params
-        m = out.numel()
-        eye_out = torch.eye(m, dtype=out.dtype, device=out.device)
-        HL = torch.stack([self.rule.hessian_vp(out, targets, e.reshape(out.shape)).reshape(-1)
-                          for e in eye_out]).to(torch.float64)
-        gL = self.rule.grad(out, targets).reshape(-1).to(torch.float64)
-        J = J.to(torch.float64)
-        G = J.T @ HL @ J
-        g = J.T @ gL
+        cols = J.movedim(-1, 0)  # (P, *out.shape): J e_k per parameter
+        HJ = torch.func.vmap(lambda c: self.rule.hessian_vp(out, targets, c))(cols)
+        J2 = cols.reshape(self.num_params, -1).to(torch.float64)
+        G = J2 @ HJ.reshape(self.num_params, -1).to(torch.float64).T
+        G = 0.5 * (G + G.T)
+        g = J2 @ self.rule.grad(out, targets).reshape(-1).to(torch.float64)
         self.counters["backward"] += 1
         if not (torch.isfinite(loss) and torch.isfinite(G).all() and torch.isfinite(g).all()):
             return self._skip(loss, "loss or Jacobian")

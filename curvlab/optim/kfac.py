@@ -45,6 +45,10 @@ used 150 for autoencoders, 1 "usually more appropriate for classification nets")
 the exact products, since hooks cannot capture factors inside it) plus 1–2 tangent passes per
 step, 2 more per γ candidate, and one more forward on ρ steps.
 
+Structure ``'block-tridiagonal'`` (a chain of ``nn.Linear`` layers): the inverse is Martens &
+Grosse's ``F̂⁻¹ = Ξᵀ Λ Ξ`` from :class:`curvlab.kfac.tridiagonal.TridiagonalInverse` with the
+factored damping of the diagonal blocks (whatever ``inverse`` says).
+
 Robustness. A non-finite loss or gradient skips the step: parameters, BatchNorm buffers and all
 optimizer state (factors, inverses, momentum, λ, γ, counters other than ``skipped_steps``,
 generator) are unchanged, and a ``RuntimeWarning`` is issued.
@@ -67,6 +71,13 @@ from torch import Tensor, nn
 from curvlab.func.linearize import linearize
 from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, batch_size_of, cloned_buffers, select_params
+from curvlab.kfac import (
+    FactorCapture,
+    KFACLayer,
+    cross_input_factor,
+    cross_output_factor,
+    fisher_scale,
+)
 from curvlab.optim._common import (
     check_hyper,
     dot64,
@@ -80,12 +91,9 @@ from curvlab.optim._common import (
 )
 from curvlab.optim._kfac_core import (
     KFACCurvature,
-    LayerInfo,
-    OutputCapture,
     find_kfac_layers,
-    grad_matrix,
-    layer_statistics,
-    split_matrix,
+    layer_factors,
+    precondition_grads,
 )
 
 __all__ = ["KFAC"]
@@ -121,7 +129,10 @@ class KFAC:
         kl_clip: KL clip ``c`` (``None``: off; not used in adaptive mode).
         adaptive: Martens & Grosse's (α, μ) quadratic-model steps with LM λ and γ search.
         ekfac: EKFAC rescaling in the Kronecker eigenbasis (``inverse='eigen'``).
-        structure: ``'block-diagonal'`` (only structure implemented here; see the report).
+        structure: ``'block-diagonal'`` or ``'block-tridiagonal'`` (chains of ``nn.Linear``
+            layers, Martens & Grosse §4.3 via :mod:`curvlab.kfac.tridiagonal`; cross-layer
+            factors ``A_{i,i+1}``, ``G_{i,i+1}`` are EMA'd with the diagonal ones and the
+            damping is always the π-split factored Tikhonov of the diagonal blocks).
         mc_samples: Monte-Carlo samples per example for ``fisher='mc'``.
         generator: ``torch.Generator`` for the Monte-Carlo targets (default: a private one
             seeded from the global RNG at construction; saved in ``state_dict``).
@@ -186,31 +197,30 @@ class KFAC:
         self.inv_interval = _check_int("inv_interval", inv_interval)
         self.kl_clip = check_hyper("kl_clip", kl_clip, minimum=0.0, strict=True, allow_none=True)
         self.adaptive = bool(adaptive)
-        if structure != "block-diagonal":
-            raise NotImplementedError(
-                f"structure={structure!r} is not available in this KFAC; only 'block-diagonal' "
-                "is implemented"
-            )
+        if structure not in ("block-diagonal", "block-tridiagonal"):
+            raise ValueError(f"structure must be 'block-diagonal' or 'block-tridiagonal', got "
+                             f"{structure!r}")
         self.structure = structure
         self.mc_samples = _check_int("mc_samples", mc_samples)
         self.lambda_interval = _check_int("lambda_interval", lambda_interval)
         self.gamma_interval = _check_int("gamma_interval", gamma_interval)
         self.num_forced_inverses = _check_int("num_forced_inverses", num_forced_inverses, 0)
-        layers, unsupported = find_kfac_layers(model, self.params)
-        self.layers: list[LayerInfo] = layers
+        layers, unsupported = find_kfac_layers(model, self.params, strict=strict, who="KFAC")
+        self.layers: list[KFACLayer] = layers
         self.unsupported: list[str] = unsupported
-        if unsupported:
-            msg = (
-                f"KFAC: parameters {unsupported} belong to modules without a Kronecker-factored "
-                "block (supported: nn.Linear, nn.Conv2d with groups=1 and zero padding)"
-            )
-            if strict:
-                raise ValueError(msg + "; pass params= to exclude them or strict=False")
-            warnings.warn(msg + "; they get the plain gradient", UserWarning, stacklevel=2)
         self.curv = KFACCurvature(layers, ema_decay=self.ema_decay, inverse=inverse, ekfac=ekfac)
+        if structure == "block-tridiagonal":
+            bad = [layer.name for layer in layers if layer.kind != "linear"]
+            if bad or ekfac:
+                raise ValueError(
+                    "structure='block-tridiagonal' needs a chain of nn.Linear layers and "
+                    f"ekfac=False; got conv layers {bad}" if bad else
+                    "structure='block-tridiagonal' cannot be combined with ekfac=True"
+                )
+            self.curv.tridiagonal = True
         self.inverse = inverse
         self.ekfac = bool(ekfac)
-        self.capture = OutputCapture(layers)
+        self.capture = FactorCapture(layers)
         first = next(iter(self.params.values()))
         self.device = first.device
         if generator is None:
@@ -242,101 +252,113 @@ class KFAC:
 
     # ---------------------------------------------------------------------------------------
     def _forward_backward(self, inputs: Any, targets: Tensor, cov: bool):
-        """Training forward (capturing layer inputs on covariance steps), loss, gradients and
-        the output derivatives for G. Returns ``(loss, output, grads, out_grads)`` or a string
-        naming what was non-finite."""
+        """Training forward (capturing layer inputs and, through tensor hooks, output
+        derivatives on covariance steps), loss, gradients and the extra Fisher backward passes.
+        Returns ``(loss, output, grads, passes)`` or ``(what, loss)`` when non-finite;
+        ``passes`` is the number of extra backward passes recorded after the loss backward."""
         params = list(self.params.values())
         self.capture.clear()
-        self.capture.active = cov
-        try:
+        if cov:
+            with self.capture:
+                out = self.model(inputs)
+        else:
             out = self.model(inputs)
-        finally:
-            self.capture.active = False
         self.counters["forward"] += 1
         if not isinstance(out, Tensor):
             raise TypeError(f"KFAC: the model must return a single tensor, got {type(out)}")
         self.rule.check(out, targets)
         loss = self.loss_fn(out, targets)
         if not bool(torch.isfinite(loss.detach())):
-            return "loss"
-        names = [layer.name for layer in self.layers if layer.name in self.capture.outputs]
-        outs = [o for n in names for o in self.capture.outputs[n]]
-        if cov:
-            self.capture.check_inplace()
-        extra = cov and self.fisher != "empirical" and bool(outs)
-        need_outs = cov and self.fisher == "empirical" and bool(outs)
-        res = torch.autograd.grad(loss, params + (outs if need_outs else []),
-                                  retain_graph=extra, allow_unused=True)
+            return "loss", loss.detach()
+        extra = cov and self.fisher != "empirical"
+        res = torch.autograd.grad(loss, params, retain_graph=extra, allow_unused=True)
         self.counters["backward"] += 1
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(res, params)]
         if not is_finite(*grads):
-            return "gradient"
-        out_grads: list[list[Tensor]] = []  # per back-propagated vector: flat list like outs
-        if need_outs:
-            out_grads.append([torch.zeros_like(o) if g is None else g
-                              for g, o in zip(res[len(params):], outs)])
-        elif extra:
+            return "gradient", loss.detach()
+        passes = 0
+        if extra:
             if self.fisher == "mc":
                 vectors = self.rule.sample_grads(out.detach(), self.mc_samples, self.generator)
             else:
                 vectors = self.rule.sqrt_hessian(out.detach(), targets)
+            weights = [layer.weight_param for layer in self.layers]
             for j, vec in enumerate(vectors):
-                r = torch.autograd.grad(out, outs, vec.to(out.dtype),
-                                        retain_graph=j < len(vectors) - 1, allow_unused=True)
+                torch.autograd.grad(out, weights, vec.to(out.dtype),
+                                    retain_graph=j < len(vectors) - 1, allow_unused=True)
                 self.counters["backward"] += 1
-                out_grads.append([torch.zeros_like(o) if g is None else g
-                                  for g, o in zip(r, outs)])
-        return loss.detach(), out.detach(), grads, (names, out_grads)
+            passes = len(vectors)
+        return loss.detach(), out.detach(), grads, passes
 
-    def _statistics(self, num_examples: int, names: list[str], out_grads: list[list[Tensor]]):
-        """New A, G (and EKFAC rows) of every captured layer, or ``None`` if non-finite."""
-        if not out_grads:
-            return None
-        if self.fisher == "empirical":
-            scale = float(num_examples) if self.rule.reduction == "mean" else 1.0
-        elif self.fisher == "mc":
-            scale = 1.0 / self.mc_samples
-        else:
-            scale = 1.0
-        by_layer = {layer.name: layer for layer in self.layers}
-        new_A, new_G, rows = {}, {}, {}
-        pos = 0
+    def _statistics(self, num_examples: int, passes: int):
+        """New A, G of every layer that received statistics (``None`` if non-finite) and the
+        per-layer pass lists used (for EKFAC)."""
+        new_A, new_G, used = {}, {}, {}
         with _autocast_off(self.device):
-            for name in names:
-                layer = by_layer[name]
-                ncalls = len(self.capture.outputs[name])
-                gs = [og[pos:pos + ncalls] for og in out_grads]
-                pos += ncalls
+            for layer in self.layers:
+                xs = self.capture.inputs[layer.name]
+                gs = self.capture.output_grads[layer.name]
+                if not xs or not gs:
+                    continue
+                gs = gs[:1] if self.fisher == "empirical" else gs[-passes:] if passes else []
+                if not gs:
+                    continue
                 dtype = torch.float64 if self.params[layer.weight].dtype == torch.float64 \
                     else torch.float32
-                A, G, a_rows, g_rows = layer_statistics(
-                    layer, self.capture.inputs[name], gs, num_examples=num_examples,
-                    grad_scale=scale, dtype=dtype,
-                )
-                new_A[name], new_G[name], rows[name] = A, G, (a_rows, g_rows, scale)
-        if not is_finite(*new_A.values(), *new_G.values()):
+                A, G = layer_factors(layer, xs, gs, num_examples=num_examples,
+                                     fisher=self.fisher, reduction=self.rule.reduction,
+                                     mc_samples=self.mc_samples, dtype=dtype)
+                new_A[layer.name], new_G[layer.name] = A, G
+                used[layer.name] = (list(xs), list(gs))
+        cross = {}
+        if self.structure == "block-tridiagonal" and len(new_A) == len(self.layers):
+            with _autocast_off(self.device):
+                cross = self._cross_statistics(used, num_examples)
+        if not is_finite(*new_A.values(), *new_G.values(), *[t for c in cross.values()
+                                                                 for t in c]):
             return None
-        return new_A, new_G, rows
+        return new_A, new_G, used, cross
+
+    def _cross_statistics(self, used, num_examples: int) -> dict[int, tuple[Tensor, Tensor]]:
+        out = {}
+        for i in range(len(self.layers) - 1):
+            a, b = self.layers[i], self.layers[i + 1]
+            (xa, ga), (xb, gb) = used[a.name], used[b.name]
+            if len(xa) != 1 or len(xb) != 1 or xa[0].shape[1] != 1 or xb[0].shape[1] != 1 \
+                    or len(ga) != len(gb):
+                raise ValueError(
+                    f"structure='block-tridiagonal': layers {a.name!r} and {b.name!r} must be "
+                    "called once per forward on (N, features) inputs"
+                )
+            dtype = self.curv.A[a.name].dtype if a.name in self.curv.A else torch.float32
+            dtype = torch.float64 if self.params[a.weight].dtype == torch.float64 else dtype
+            ca = cross_input_factor(a, b, xa[0].to(dtype), xb[0].to(dtype))
+            cg = cross_output_factor(a, b, [g.to(dtype) for g in ga], [g.to(dtype) for g in gb],
+                                     num_examples, fisher=self.fisher,
+                                     reduction=self.rule.reduction, mc_samples=self.mc_samples)
+            out[i] = (ca, cg)
+        return out
 
     # ---------------------------------------------------------------------------------------
     def _precondition(self, grads: Sequence[Tensor], damping: float) -> list[Tensor]:
         """``F̆⁻¹ g`` per layer (plain gradient for unsupported parameters / layers without an
         inverse yet)."""
-        index = {n: i for i, n in enumerate(self.params)}
-        out = list(grads)
-        with _autocast_off(self.device):
-            for layer in self.layers:
-                if layer.name not in self.curv.eig:
-                    continue
-                iw = index[layer.weight]
-                ib = index[layer.bias] if layer.bias is not None else None
-                v = grad_matrix(layer, grads[iw], None if ib is None else grads[ib])
-                u = self.curv.precondition(layer, v, damping)
-                uw, ub = split_matrix(layer, u, grads[iw].shape)
-                out[iw] = uw
-                if ib is not None:
-                    out[ib] = ub
-        return out
+        if self.structure == "block-tridiagonal":
+            index = {n: i for i, n in enumerate(self.params)}
+            vs = [layer.to_matrix(grads[index[layer.weight]],
+                                  None if layer.bias is None else grads[index[layer.bias]])
+                  for layer in self.layers]
+            with _autocast_off(self.device):
+                us = self.curv.tridiagonal_apply(vs, damping)
+            if us is not None:
+                out = list(grads)
+                for layer, u in zip(self.layers, us):
+                    w, b = layer.from_matrix(u)
+                    out[index[layer.weight]] = w
+                    if layer.bias is not None:
+                        out[index[layer.bias]] = b
+                return out
+        return precondition_grads(self.curv, list(self.params), grads, damping)[0]
 
     # ---------------------------------------------------------------------------------------
     def step(self, inputs: Any, targets: Tensor) -> Tensor:
@@ -349,20 +371,22 @@ class KFAC:
         gen_state = self.generator.get_state()
         rng = rng_state([*params, *[t for t in (inputs, targets) if isinstance(t, Tensor)]])
         res = self._forward_backward(inputs, targets, cov)
-        if isinstance(res, str):
+        if isinstance(res[0], str):
             self.capture.clear()
-            return self._skip(buffers, gen_state, res)
-        loss, out, grads, (names, out_grads) = res
+            return self._skip(buffers, gen_state, *res)
+        loss, out, grads, passes = res
         num_examples = batch_size_of(inputs)
         stats = None
         if cov:
-            missing = [layer.name for layer in self.layers if layer.name not in names]
-            if missing and self.model.training:
-                warnings.warn(f"KFAC: layers {missing} received no input during the forward; "
-                              "they keep their old factors (or the plain gradient)",
-                              RuntimeWarning, stacklevel=2)
-            stats = self._statistics(num_examples, names, out_grads)
-            if stats is None and names:
+            stats = self._statistics(num_examples, passes)
+            missing = [layer.name for layer in self.layers
+                       if stats is not None and layer.name not in stats[0]]
+            if missing:
+                warnings.warn(f"KFAC: layers {missing} received no statistics (module not called "
+                              "through its forward, or output not reaching the loss); they keep "
+                              "their old factors or the plain gradient", RuntimeWarning,
+                              stacklevel=2)
+            if stats is None:
                 warnings.warn("KFAC: non-finite curvature statistics; factors not updated this "
                               "step", RuntimeWarning, stacklevel=2)
         self.capture.clear()
@@ -373,10 +397,10 @@ class KFAC:
 
         # -- all checks passed: from here on state changes ------------------------------------
         if stats is not None:
-            self.curv.update(stats[0], stats[1])
+            self.curv.update(stats[0], stats[1], stats[3])
             self.counters["factor_updates"] += 1
         if inv_due and (self.curv.dirty or not self.curv.eig):
-            self.curv.refresh()
+            self.curv.refresh(self._precon_damping())
             self.counters["inverse_updates"] += 1
         if self.ekfac and stats is not None:
             self._update_ekfac(stats[2])
@@ -392,16 +416,17 @@ class KFAC:
         self.counters["steps"] += 1
         return loss
 
-    def _update_ekfac(self, rows: dict[str, tuple[Tensor, Tensor, float]]) -> None:
+    def _update_ekfac(self, used: dict[str, tuple[list[Tensor], list[Tensor]]]) -> None:
         by_layer = {layer.name: layer for layer in self.layers}
+        n = None
         new = {}
         with _autocast_off(self.device):
-            for name, (a_rows, g_rows, scale) in rows.items():
-                n = None
+            for name, (xs, gs) in used.items():
+                n = sum(x.shape[0] for x in xs)
+                weight = fisher_scale(self.fisher, n, self.rule.reduction, self.mc_samples)
                 total = None
-                for gj in g_rows:
-                    n = n or self._num_rows_examples(by_layer[name], a_rows)
-                    s = self.curv.ekfac_scale(by_layer[name], a_rows, gj, n, scale)
+                for g in gs:
+                    s = self.curv.ekfac_scale(by_layer[name], xs, g, weight)
                     if s is None:
                         break
                     total = s if total is None else total + s
@@ -409,9 +434,6 @@ class KFAC:
                     new[name] = total
         if new:
             self.curv.update_scale(new)
-
-    def _num_rows_examples(self, layer: LayerInfo, a_rows: Tensor) -> int:
-        return self._last_n
 
     def _plain_update(self, grads: list[Tensor]) -> list[Tensor]:
         p = self._precondition(grads, self.damping)
@@ -502,6 +524,8 @@ class KFAC:
             rho = (h_new - h_old) / change if change != 0.0 else math.nan
             self.lambd = self.adjust_lambda(self.lambd, rho, self.lambda_interval)
         self.buf = [s.clone() for s in step]
+        #: The proposal Δ of the last adaptive step (diagnostics, tests).
+        self.last_proposal = delta
         self.last = {"alpha": alpha, "mu": mu, "qmodel_change": change, "rho": rho,
                      "lambda": self.lambd, "gamma": self.gamma}
         return step
@@ -523,12 +547,12 @@ class KFAC:
         return lambd
 
     # ---------------------------------------------------------------------------------------
-    def _skip(self, buffers, gen_state, what: str) -> Tensor:
+    def _skip(self, buffers, gen_state, what: str, loss: Tensor) -> Tensor:
         restore_buffers(self.model, buffers)
         self.generator.set_state(gen_state)
         self.counters["skipped_steps"] += 1
         warn_skip("KFAC", what, self.counters["skipped_steps"])
-        return torch.tensor(math.nan)
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         """Factors, eigendecompositions, EKFAC scalings, momentum / previous step, λ, γ, step

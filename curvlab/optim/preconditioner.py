@@ -1,0 +1,310 @@
+r"""K-FAC as a gradient preconditioner for ordinary PyTorch training loops (KAISA-style).
+
+Usage contract (as in gpauloski/kfac-pytorch)::
+
+    precond = KFACPreconditioner(model, loss_fn, damping=1e-3)   # fisher='empirical'
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        precond.step()          # replaces each registered parameter's .grad by F̆⁻¹ .grad
+        optimizer.step()        # any torch optimizer (SGD with momentum, weight decay, ...)
+
+Statistics are captured by hooks during the user's own forward and backward, only on covariance
+steps (every ``cov_interval`` calls of :meth:`step`, counted from 0) and only while the model
+is in training mode with gradients enabled: a forward pre-hook on the model opens a
+:class:`curvlab.kfac.FactorCapture` for the duration of the forward, whose tensor hooks record
+the output derivatives of the following backward.
+
+Fisher. ``'empirical'`` (default): the derivatives of the user's loss; the factor convention of
+:mod:`curvlab.kfac.factors` rescales ``G`` by ``N`` for a ``'mean'`` loss (``loss_reduction``,
+taken from ``loss_fn`` when given). ``'mc'`` (true Fisher, needs ``loss_fn``): after the
+forward call ``precond.sample_backward(output)``; it back-propagates ``mc_samples`` gradients at
+targets sampled from the model to the layer outputs (``.grad`` is not touched, the graph is
+retained for the user's ``loss.backward()``, before or after which it may be called).
+
+``step()`` uses the same curvature state and preconditioning as :class:`curvlab.optim.KFAC`
+(EMA with warm start, guarded eigendecompositions every ``inv_interval`` steps and on the first
+three, ``inverse='eigen' | 'factored'``, EKFAC). Parameters of unsupported modules keep their
+gradient (warning; ``strict=True`` raises). KL clip (spec §7, KAISA): with ``kl_clip`` and the
+optimizer's learning rate ``lr`` (a number or a zero-argument callable),
+``ν = min(1, sqrt(kl_clip / |Σ lr²⟨p, g⟩|))`` over the preconditioned layers, which are scaled by
+``ν``. Non-finite gradients: ``.grad`` and the state are left untouched, with a warning.
+Gradient accumulation over several backward passes per step is not supported (statistics of
+all passes would be pooled as one batch).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.func.losses import loss_rule
+from curvlab.func.params import ParamsArg, select_params
+from curvlab.kfac import FactorCapture, KFACLayer
+from curvlab.optim._common import check_hyper, dot64, is_finite
+from curvlab.optim._kfac_core import (
+    KFACCurvature,
+    find_kfac_layers,
+    layer_factors,
+    precondition_grads,
+)
+
+__all__ = ["KFACPreconditioner"]
+
+
+class KFACPreconditioner:
+    r"""Rewrite ``.grad`` with the K-FAC preconditioned gradient (see the module docstring).
+
+    Args:
+        model: The network.
+        loss_fn: The training loss (needed for ``fisher='mc'``; gives the reduction).
+        damping: ``λ`` of the preconditioner (Tikhonov on the product for ``'eigen'``).
+        fisher: ``'empirical'`` or ``'mc'``.
+        ema_decay, cov_interval, inv_interval, inverse, ekfac: As in
+            :class:`curvlab.optim.KFAC`.
+        kl_clip: KL clip ``c`` (needs ``lr``); ``None`` disables it.
+        lr: Learning rate of the wrapped optimizer, number or callable (for the KL clip).
+        loss_reduction: ``'mean'`` or ``'sum'`` when ``loss_fn`` is not given.
+        mc_samples, generator: Monte-Carlo sampling for ``fisher='mc'``.
+        params: Parameter selection (default all trainable).
+        strict: Raise for selected parameters of unsupported modules.
+
+    Attributes:
+        steps: Number of :meth:`step` calls that preconditioned gradients.
+        counters: ``steps``, ``skipped_steps``, ``factor_updates``, ``inverse_updates``,
+            ``backward`` (extra sampled passes).
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> precond = KFACPreconditioner(net, loss_fn, damping=0.1)
+        >>> sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> first = None
+        >>> for _ in range(10):
+        ...     sgd.zero_grad()
+        ...     loss = loss_fn(net(x), y)
+        ...     loss.backward()
+        ...     precond.step()
+        ...     sgd.step()
+        ...     first = loss.item() if first is None else first
+        >>> loss.item() < first
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        damping: float,
+        fisher: str = "empirical",
+        ema_decay: float = 0.95,
+        cov_interval: int = 1,
+        inv_interval: int = 20,
+        inverse: str = "eigen",
+        ekfac: bool = False,
+        kl_clip: float | None = None,
+        lr: float | Callable[[], float] | None = None,
+        loss_reduction: str | None = None,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        params: ParamsArg = None,
+        strict: bool = False,
+        num_forced_inverses: int = 3,
+    ) -> None:
+        self.model = model
+        self.params = select_params(model, params)
+        self.damping = check_hyper("damping", damping, minimum=0.0)
+        if fisher not in ("empirical", "mc"):
+            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+        self.fisher = fisher
+        self.rule = None if loss_fn is None else loss_rule(loss_fn)
+        if fisher == "mc" and self.rule is None:
+            raise ValueError("fisher='mc' needs loss_fn (its likelihood gives the sampled targets)")
+        if loss_reduction is None:
+            loss_reduction = self.rule.reduction if self.rule is not None else "mean"
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+        ema = check_hyper("ema_decay", ema_decay, minimum=0.0)
+        if ema >= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        for name, v in (("cov_interval", cov_interval), ("inv_interval", inv_interval),
+                        ("mc_samples", mc_samples)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.cov_interval, self.inv_interval = cov_interval, inv_interval
+        self.mc_samples = mc_samples
+        self.num_forced_inverses = int(num_forced_inverses)
+        self.kl_clip = check_hyper("kl_clip", kl_clip, minimum=0.0, strict=True, allow_none=True)
+        if self.kl_clip is not None and lr is None:
+            raise ValueError("kl_clip needs lr= (the wrapped optimizer's learning rate)")
+        self.lr = lr
+        layers, unsupported = find_kfac_layers(model, self.params, strict=strict,
+                                               who="KFACPreconditioner")
+        self.layers: list[KFACLayer] = layers
+        self.unsupported = unsupported
+        self.curv = KFACCurvature(layers, ema_decay=ema, inverse=inverse, ekfac=ekfac)
+        self.capture = FactorCapture(layers)
+        self._mc_grads: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
+        first = next(iter(self.params.values()))
+        if generator is None and fisher == "mc":
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator(device=first.device).manual_seed(seed)
+        self.generator = generator
+        self.steps = 0
+        self.counters = {"steps": 0, "skipped_steps": 0, "factor_updates": 0,
+                         "inverse_updates": 0, "backward": 0}
+        self._handles = [model.register_forward_pre_hook(self._pre_forward),
+                         model.register_forward_hook(self._post_forward)]
+        self._open = False
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def _cov_step(self) -> bool:
+        return self.steps % self.cov_interval == 0
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled() and self._cov_step() and not self._open:
+            self.capture.__enter__()
+            self._open = True
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._open:
+            self.capture.__exit__(None, None, None)
+            self._open = False
+
+    def remove(self) -> None:
+        """Remove all hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.capture.remove()
+
+    # ---- Monte-Carlo passes ----------------------------------------------------------------
+    def sample_backward(self, output: Tensor) -> None:
+        """Back-propagate sampled-target gradients of ``output`` (for ``fisher='mc'``).
+
+        Call after the forward that produced ``output`` on a covariance step (a no-op on other
+        steps); ``.grad`` is not modified and the graph is retained.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError("sample_backward is only used with fisher='mc'")
+        if not any(self.capture.inputs[layer.name] for layer in self.layers):
+            return  # not a covariance step (nothing captured)
+        before = {n: len(g) for n, g in self.capture.output_grads.items()}
+        vectors = self.rule.sample_grads(output.detach(), self.mc_samples, self.generator)
+        weights = [layer.weight_param for layer in self.layers]
+        for vec in vectors:
+            torch.autograd.grad(output, weights, vec.to(output.dtype), retain_graph=True,
+                                allow_unused=True)
+            self.counters["backward"] += 1
+        for name, gs in self.capture.output_grads.items():
+            self._mc_grads[name].extend(gs[before[name]:])
+            del gs[before[name]:]
+
+    # ---- step -------------------------------------------------------------------------------
+    def _current_lr(self) -> float:
+        return float(self.lr() if callable(self.lr) else self.lr)
+
+    def step(self) -> None:
+        """Update factors (on covariance steps), inverses (when due) and rewrite ``.grad``."""
+        names = list(self.params)
+        grads = [p.grad for p in self.params.values()]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            raise RuntimeError("KFACPreconditioner.step: no parameter has a .grad; call "
+                               "loss.backward() first")
+        if not is_finite(*[grads[i] for i in present]):
+            self.counters["skipped_steps"] += 1
+            warnings.warn("KFACPreconditioner: non-finite gradients; .grad and the K-FAC state "
+                          f"are left unchanged (skipped steps so far: "
+                          f"{self.counters['skipped_steps']})", RuntimeWarning, stacklevel=2)
+            self._clear()
+            return
+        k = self.steps + 1
+        if self._cov_step():
+            self._update_factors()
+        self._clear()
+        due = (k - 1) % self.inv_interval == 0 or k <= self.num_forced_inverses
+        if due and (self.curv.dirty or not self.curv.eig):
+            self.curv.refresh(self.damping)
+            self.counters["inverse_updates"] += 1
+        filled = [g if g is not None else torch.zeros_like(p)
+                  for g, p in zip(grads, self.params.values())]
+        new, done = precondition_grads(self.curv, names, filled, self.damping)
+        done = {i for i in done if grads[i] is not None}
+        if self.kl_clip is not None and done:
+            lr = self._current_lr()
+            vg = abs(float(dot64([new[i] for i in done], [filled[i] for i in done]))) * lr**2
+            nu = min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
+            for i in done:
+                new[i] = new[i] * nu
+        with torch.no_grad():
+            for i in done:
+                grads[i].copy_(new[i])
+        self.steps += 1
+        self.counters["steps"] += 1
+
+    def _clear(self) -> None:
+        self.capture.clear()
+        for v in self._mc_grads.values():
+            v.clear()
+
+    def _update_factors(self) -> None:
+        new_A, new_G = {}, {}
+        for layer in self.layers:
+            xs = self.capture.inputs[layer.name]
+            gs = self._mc_grads[layer.name] if self.fisher == "mc" \
+                else self.capture.output_grads[layer.name]
+            if not xs:
+                continue
+            if not gs:
+                if self.fisher == "mc":
+                    raise RuntimeError(
+                        "KFACPreconditioner(fisher='mc'): no sampled passes on a covariance "
+                        "step; call precond.sample_backward(output) after the forward"
+                    )
+                continue
+            n = sum(x.shape[0] for x in xs)
+            w = layer.weight_param
+            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+            with torch.autocast(device_type=w.device.type, enabled=False):
+                A, G = layer_factors(layer, xs, gs, num_examples=n, fisher=self.fisher,
+                                     reduction=self.loss_reduction,
+                                     mc_samples=self.mc_samples, dtype=dtype)
+            new_A[layer.name], new_G[layer.name] = A, G
+        if not new_A:
+            return
+        if not is_finite(*new_A.values(), *new_G.values()):
+            warnings.warn("KFACPreconditioner: non-finite curvature statistics; factors not "
+                          "updated this step", RuntimeWarning, stacklevel=3)
+            return
+        self.curv.update(new_A, new_G)
+        self.counters["factor_updates"] += 1
+
+    # ---- state ------------------------------------------------------------------------------
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes of the factors, of the inverses, and their total."""
+        return self.curv.memory_bytes()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, eigendecompositions, step count, counters, generator state."""
+        return {"curvature": self.curv.state_dict(), "steps": self.steps,
+                "counters": dict(self.counters),
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.curv.load_state_dict(state["curvature"])
+        self.steps = int(state["steps"])
+        self.counters = dict(state["counters"])
+        if state["generator"] is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
