@@ -105,3 +105,20 @@ def test_float32_model_with_float64_solve_decreases_loss():
     opt = NaturalGradient(net, nn.CrossEntropyLoss(), lr=0.5, damping=1e-2, chunk_size=7)
     losses = [opt.step(x, y).item() for _ in range(5)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "empirical"])
+def test_per_example_fast_path_equals_explicit_jacobian(curvature):
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * 3 * 3, 3)).to(DT)
+    x, y = torch.randn(7, 1, 6, 6, dtype=DT), torch.randint(0, 3, (7,))
+    ref = copy.deepcopy(net)
+    fast = NaturalGradient(net, nn.CrossEntropyLoss(), lr=0.5, damping=1e-2,
+                           curvature=curvature)
+    slow = NaturalGradient(ref, nn.CrossEntropyLoss(), lr=0.5, damping=1e-2,
+                           curvature=curvature, per_example=False)
+    assert fast._fast_layers is not None and slow._fast_layers is None
+    fast.step(x, y)
+    slow.step(x, y)
+    torch.testing.assert_close(flat_params(net), flat_params(ref), rtol=1e-8, atol=1e-12)

@@ -479,3 +479,33 @@ def test_block_tridiagonal_adaptive_and_state_round_trip():
     for p, q in zip(net.parameters(), net2.parameters()):
         assert torch.equal(p, q)
     assert math.isfinite(opt.last["alpha"])
+
+
+def test_adaptive_rho_evaluation_leaves_batchnorm_stats_and_dropout_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3),
+                        nn.Linear(8, 3))
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.warns(UserWarning, match="plain gradient"):
+        opt = KFAC(net, nn.CrossEntropyLoss(), damping=1.0, adaptive=True, lambda_interval=1)
+    torch.manual_seed(5)
+    loss = opt.step(x, y)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        ref_loss = nn.CrossEntropyLoss()(ref(x), y)  # same dropout mask, one BN update
+    assert torch.equal(loss, ref_loss)
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=0, atol=0)
+    assert int(net[1].num_batches_tracked) == 1
+    rho = opt.last["rho"]
+    assert rho is not None and math.isfinite(rho)
+    # rho used the replayed dropout mask: recompute h(θ+δ) with the same mask
+    torch.manual_seed(5)
+    ref2 = copy.deepcopy(net)
+    from curvlab.func.params import cloned_buffers
+
+    with torch.no_grad():
+        out = torch.func.functional_call(ref2, (dict(ref2.named_parameters()),
+                                                cloned_buffers(ref2)), (x,))
+    h1 = float(nn.CrossEntropyLoss()(out, y))
+    assert rho == pytest.approx((h1 - float(loss)) / opt.last["qmodel_change"], rel=1e-6)

@@ -10,12 +10,18 @@ from curvlab.optim.baselines import TorchOptimizer
 from curvlab.optim.curveball import CurveBall, ResidualModel
 from curvlab.optim.dense import DenseBFGS, DenseLevenbergMarquardt
 from curvlab.optim.hessian_free import HessianFree
+from curvlab.optim.kfac import KFAC
+from curvlab.optim.ngd import NaturalGradient
+from curvlab.optim.preconditioner import KFACPreconditioner
 
 __all__ = [
     "CurveBall",
     "DenseBFGS",
     "DenseLevenbergMarquardt",
     "HessianFree",
+    "KFAC",
+    "KFACPreconditioner",
+    "NaturalGradient",
     "ResidualModel",
     "TorchOptimizer",
 ]

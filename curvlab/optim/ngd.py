@@ -277,7 +277,7 @@ class NaturalGradient:
         self.counters["forward"] += 1
         self.rule.check(out, targets)
         loss = self.loss_fn(out, targets)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             return loss.detach(), None, None
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         grads = self._with_decay([torch.zeros_like(p) if g is None else g
