@@ -238,7 +238,8 @@ def _claims(table: pd.DataFrame) -> list[Claim]:
             "the smallest to the largest batch no larger than SGD's; Ma et al.)",
             speedups["K-FAC"] <= speedups["SGD"],
             f"speed-up K-FAC ×{speedups['K-FAC']:.3g} vs SGD ×{speedups['SGD']:.3g}"))
-        both = table.pivot_table(index="batch_size", columns="method", values="best_iters")
+        both = table.pivot_table(index="batch_size", columns="method", values="best_iters",
+                                 dropna=False)
         fewer = bool((both["K-FAC"].fillna(math.inf) < both["SGD"].fillna(math.inf)).all())
         claims.append(Claim(
             "K-FAC needs fewer iterations than SGD at every batch size", fewer,

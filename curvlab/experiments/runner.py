@@ -47,7 +47,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from curvlab.experiments.provenance import provenance
 
