@@ -43,6 +43,7 @@ reproduce-full: install
 benchmarks: install
 	$(BIN)/python benchmarks/products.py
 	$(BIN)/python benchmarks/optimizers.py
+	$(BIN)/python benchmarks/time_to_target.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

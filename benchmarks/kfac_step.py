@@ -26,33 +26,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from _models import MODELS  # benchmarks/_models.py: the shared networks
 from torch import nn
 
 from curvlab.optim.kfac import KFAC
 
 CONFIGS = ((10, 100), (1, 20))
-
-
-def mlp() -> tuple[nn.Module, tuple[int, ...], int]:
-    net = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 1000), nn.Tanh(), nn.Linear(1000, 500), nn.Tanh(),
-        nn.Linear(500, 250), nn.Tanh(), nn.Linear(250, 10),
-    )
-    return net, (784,), 512
-
-
-def cnn() -> tuple[nn.Module, tuple[int, ...], int]:
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Flatten(), nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-    return net, (3, 32, 32), 128
-
-
-MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...], int]]] = {"mlp": mlp, "cnn": cnn}
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,11 @@ backward + update). Memory ("step memory"): optimizer-held tensors (state such a
 buffers, and ``.grad`` buffers) plus the transient peak of one step, excluding the parameters
 and the batch -- on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the allocation
 events of ``torch.profiler`` (``profile_memory=True``); reported relative to SGD with momentum.
-Prints a markdown table. To add a case (e.g. K-FAC), append a ``StepCase`` to ``CASES``.
+Prints a markdown table. To add a case, append a ``StepCase`` to ``CASES``.
+
+K-FAC's cost depends on its intervals, so it gets its own table (from ``kfac_step.py``): the
+median times of a plain step, a step that also updates the factors, and an inverse refresh,
+combined into the amortized step time for (cov_interval, inv_interval) = (10, 100) and (1, 20).
 
     python benchmarks/optimizers.py [--models mlp cnn] [--repeats 7] [--steps 5] [--threads 1]
 """
@@ -25,31 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _models import MODELS  # benchmarks/_models.py: the shared networks
 from torch import nn
 
 from curvlab.optim import CurveBall, HessianFree, TorchOptimizer
-
-
-def mlp() -> tuple[nn.Module, tuple[int, ...], int]:
-    net = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 1000), nn.Tanh(), nn.Linear(1000, 500), nn.Tanh(),
-        nn.Linear(500, 250), nn.Tanh(), nn.Linear(250, 10),
-    )
-    return net, (784,), 512
-
-
-def cnn() -> tuple[nn.Module, tuple[int, ...], int]:
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Flatten(), nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-    return net, (3, 32, 32), 128
-
-
-MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...], int]]] = {"mlp": mlp, "cnn": cnn}
 
 
 @dataclass(frozen=True)
@@ -166,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-kfac", action="store_true", help="skip the K-FAC table")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -187,6 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|")
     for model_name, name, ms, ratio, mem_s, ratio_mem in rows:
         print(f"| {model_name} | {name} | {ms:.1f} | {ratio:.2f}x | {mem_s} | {ratio_mem} |")
+    if not args.no_kfac:
+        from kfac_step import measure, table  # benchmarks/kfac_step.py
+
+        results = {
+            (name, inverse): measure(name, repeats=args.repeats, device=device, inverse=inverse)
+            for name in args.models
+            for inverse in ("factored", "eigen")
+        }
+        print("\nK-FAC (fisher='mc'), amortized step time / SGD step:\n")
+        print(table(results))
 
 
 if __name__ == "__main__":

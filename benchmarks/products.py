@@ -8,6 +8,10 @@ rounds), float32, default ``torch.get_num_threads()``. Matrix products (K = 8 co
 reported per column. Prints a markdown table.
 
     python benchmarks/products.py [--repeats 20] [--models mlp cnn] [--device cpu]
+                                  [--threads N] [--clock wall|cpu]
+
+``--clock cpu`` (with ``--threads 1``) measures process CPU time instead of wall-clock time: a
+robust comparison on a shared, overloaded machine (it ignores time spent waiting for a core).
 """
 
 from __future__ import annotations
@@ -107,17 +111,18 @@ def products(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Ca
     return fns
 
 
-def measure(fns: dict[str, Callable], repeats: int, device: torch.device) -> dict[str, float]:
+def measure(fns: dict[str, Callable], repeats: int, device: torch.device,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {k: statistics.median(t) for k, t in times.items()}
     for k in med:
         if k.endswith("per column"):
@@ -130,8 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: leave torch's default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     results: dict[str, dict[str, float]] = {}
     for name in args.models:
@@ -139,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         model = model.to(device)
         x = torch.randn(batch, *shape, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        results[name] = measure(products(model, x, y), args.repeats, device)
+        results[name] = measure(products(model, x, y), args.repeats, device, clock)
     curvlinops = importlib.util.find_spec("curvlinops") is not None
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"{args.repeats} interleaved repeats, float32\n")
+          f"{args.repeats} interleaved repeats, float32, {args.clock} clock\n")
     header = "| product (time / gradient time) | " + " | ".join(
         {"mlp": "MLP 784-1000-500-250-10, bs 512", "cnn": "3c3d CNN, bs 128"}[m]
         for m in results) + " |"

@@ -34,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=_positive_int, default=None,
                      help="number of seeds (default: each experiment's own)")
     rep.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    rep.add_argument("--strict", action="store_true",
-                     help="fail (exit 1) when an experiment module does not exist")
     return parser
 
 
@@ -95,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r.name for r in reports if r.status == "error"]
     if failed:
         print(f"experiments that raised: {', '.join(failed)}", file=sys.stderr)
-    if failed or broken or (args.strict and missing):
+    if failed or broken or missing:
         return 1
     return 0
 

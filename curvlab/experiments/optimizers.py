@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,9 +29,6 @@ from torch import nn
 
 __all__ = ["OPTIMIZER_NAMES", "Method", "build_optimizer", "unavailable_reason"]
 
-#: class -> defining module, used when ``curvlab.optim`` does not (yet) re-export the class
-_MODULES = {"TorchOptimizer": "curvlab.optim.baselines", "CurveBall": "curvlab.optim.curveball",
-            "HessianFree": "curvlab.optim.hessian_free", "KFAC": "curvlab.optim.kfac"}
 #: optimizer name -> (attribute of ``curvlab.optim``, fixed keyword arguments)
 _CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("TorchOptimizer", {"optimizer_cls": torch.optim.SGD}),
@@ -89,7 +85,7 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: Callable, hp: Mapping[
     """Construct optimizer ``name`` (see :data:`OPTIMIZER_NAMES`) with keyword arguments ``hp``.
 
     ``"sgd"``/``"adam"`` wrap ``torch.optim`` through ``curvlab.optim.TorchOptimizer``.
-    Classes are taken from ``curvlab.optim`` (or their defining module while not re-exported).
+    Classes are taken from ``curvlab.optim``.
     Raises ``ValueError`` for an unknown name and ``ImportError`` when the class does not exist.
     """
     if name not in _CLASSES:
@@ -106,10 +102,7 @@ def _optimizer_class(attr: str) -> type:
 
     cls = getattr(optim, attr, None)
     if cls is None:
-        try:
-            cls = getattr(importlib.import_module(_MODULES[attr]), attr)
-        except (ImportError, AttributeError) as err:
-            raise ImportError(f"curvlab.optim has no {attr}: {err}") from err
+        raise ImportError(f"curvlab.optim has no {attr}")
     return cls
 
 
