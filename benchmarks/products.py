@@ -3,9 +3,9 @@
 For an MLP (784-1000-500-250-10, tanh, batch 512) and a 3c3d-like CNN (conv64(5)-pool-conv96(3)-
 pool-conv128(3)-pool-fc512-fc256-fc10, ReLU, 32x32x3 inputs, batch 128), prints the median time of
 each product divided by the median time of one gradient (forward + backward) on the same model and
-batch. All timings are interleaved in one process (round-robin over the products, ``--repeats``
-rounds), float32, default ``torch.get_num_threads()``. Matrix products (K = 8 columns) are
-reported per column. Prints a markdown table.
+batch. All timings are interleaved in one process (each of ``--repeats`` rounds runs every product
+once, in a freshly shuffled order), float32, default ``torch.get_num_threads()``. Matrix
+products (K = 8 columns) are reported per column. Prints a markdown table.
 
     python benchmarks/products.py [--repeats 20] [--models mlp cnn] [--device cpu]
                                   [--threads N] [--clock wall|cpu]
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -116,8 +117,12 @@ def measure(fns: dict[str, Callable], repeats: int, device: torch.device,
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)  # no product always runs right after another (cache/allocator bias)
+        for name in order:
+            fn = fns[name]
             sync(device)
             t0 = clock()
             fn()

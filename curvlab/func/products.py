@@ -8,7 +8,9 @@ BatchNorm running statistics, ``.grad``) is modified.
 
 * :func:`hvp` — Hessian of any scalar function of parameters, forward-over-reverse
   (``jvp`` of ``grad``).
-* :func:`hessian_vector_product` — Hessian of the batch loss w.r.t. model parameters.
+* :func:`hessian_vector_product` — Hessian of the batch loss w.r.t. model parameters, by
+  ``torch.autograd.forward_ad`` dual parameters through one ordinary backward;
+  :func:`hessian_vector_products` does several tangents (RNG replayed, same dropout mask).
 * :func:`ggn_vector_product` (alias :func:`ggnvp`) — :math:`J^\top H_L J v`: one forward
   carrying the tangent, the closed-form loss Hessian, one backward.
 * :func:`fisher_vector_product` — Monte-Carlo Fisher :math:`J^\top \hat F_L J v` with targets

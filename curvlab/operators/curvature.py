@@ -217,20 +217,24 @@ class CurvatureOperator(LinearOperator):
         k = M.shape[1]
         vs = [[c[..., j] for c in cols] for j in range(k)]
         total: Tensor | None = None
-        units = 0
+        first_units = units = 0
         mean = self.rule.reduction != "sum"
         self._begin_product()
         for inputs, targets in self.batches():
             prod, output = self._batch_products(inputs, targets, vs)
-            if mean:
-                u = self._units(output, inputs)
-                units += u
-                prod = prod * u
-            total = prod if total is None else total + prod
+            u = self._units(output, inputs) if mean else 1
+            if total is None:
+                total, first_units = prod, u
+            else:
+                if first_units != 1:  # fold the first batch's weight in lazily
+                    total.mul_(first_units)
+                    first_units = 1
+                total.add_(prod, alpha=u)
+            units += u
         if total is None:
             raise ValueError("data became empty: the data iterable yielded no batch")
-        if mean:
-            total = total / units
+        if mean and units != first_units:  # a single batch needs no rescaling
+            total.mul_(first_units / units)
         return total
 
     def _begin_product(self) -> None:
@@ -281,7 +285,7 @@ class CurvatureOperator(LinearOperator):
             cols.append(lin.vjp(r, retain_graph=j < k - 1))
         if cols:
             parts.append(stack_columns(cols))
-        return torch.cat(parts, dim=1), output
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), output
 
     # ------------------------------------------------------------------ helpers
 
@@ -293,8 +297,17 @@ class CurvatureOperator(LinearOperator):
 
 
 def stack_columns(products: Sequence[Sequence[Tensor]]) -> Tensor:
-    """``(P, K)`` matrix from ``K`` parameter-form products (internal helper)."""
-    return torch.stack([torch.cat([t.reshape(-1) for t in prod]) for prod in products], dim=1)
+    """``(P, K)`` matrix from ``K`` parameter-form products, one copy (internal helper)."""
+    first = products[0]
+    p = sum(t.numel() for t in first)
+    out = torch.empty(p, len(products), dtype=first[0].dtype, device=first[0].device)
+    for j, prod in enumerate(products):
+        offset = 0
+        for t in prod:
+            n = t.numel()
+            out[offset:offset + n, j] = t.reshape(-1)
+            offset += n
+    return out
 
 
 def tangent_dict(names: list[str], v: Sequence[Tensor]) -> Mapping[str, Tensor]:

@@ -24,7 +24,9 @@ class GGN(CurvatureOperator):
     r"""Generalized Gauss-Newton operator :math:`J^\top H_L J` of ``loss_fn`` over ``data``.
 
     One product costs, per batch, one forward (with the autograd graph), one tangent pass
-    :math:`u = Jv` per column, the closed-form :math:`H_L u`, and one backward per column.
+    :math:`u = Jv`, the closed-form :math:`H_L u`, and one backward. Matrix products reuse the
+    forward and push the columns through ``vmap``-ed tangent passes and one batched backward
+    (chunks of ``vectorize_chunk`` columns; per-column fallback where ``vmap`` fails).
 
     Args:
         model: The network (never modified).

@@ -25,8 +25,12 @@ __all__ = ["Hessian"]
 class Hessian(CurvatureOperator):
     r"""Hessian operator :math:`\nabla^2_\theta L` of ``loss_fn`` over ``data``.
 
-    Symmetric, in general indefinite. The RNG state is replayed for every column of a matrix
-    product, so dropout in train mode uses one mask per batch and product.
+    Symmetric, in general indefinite. A single vector costs one forward and one backward with
+    forward-mode tangents per batch. Matrix products ``(P, K)`` run ``torch.func.vmap`` over
+    ``jvp(grad)`` in chunks of :attr:`vectorize_chunk` columns; models with train-mode BatchNorm,
+    and models where ``vmap`` fails (dropout, a forward-AD gap such as ``mse_loss``), use one
+    forward-over-reverse pass per column instead (same result). The RNG state is replayed for
+    every column, so dropout in train mode uses one mask per batch and product.
 
     Args:
         model: The network (never modified).
