@@ -91,8 +91,11 @@ class _LinearRule(_ModuleRule):
             return out
         out = F.linear(x, tw, tb)  # bias tangent fused into the matmul
         if tx is not None:
-            if out.dim() == 2 and tx.dim() == 2 and not torch._C._functorch.is_batchedtensor(
-                out
+            if (
+                out.dim() == 2
+                and tx.dim() == 2
+                and out.dtype == tx.dtype == w.dtype
+                and not torch._C._functorch.is_batchedtensor(out)
             ):
                 out.addmm_(tx, w.t())  # accumulate W tx without a separate add pass
             else:
@@ -337,6 +340,15 @@ class Linearization:
         output: The model output, with autograd graph to the selected parameters.
         names: Selected parameter names, in order.
         engine: ``"layerwise"`` or ``"functional"``.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> lin = linearize(net, dict(net.named_parameters()), torch.ones(4, 3))
+        >>> u = lin.jvp([torch.ones(2, 3), torch.zeros(2)])     # J v: each output moves by 3
+        >>> u[0]
+        tensor([3., 3.])
+        >>> [g.shape for g in lin.vjp(torch.ones_like(lin.output))]  # J^T r
+        [torch.Size([2, 3]), torch.Size([2])]
     """
 
     output: Tensor
@@ -346,6 +358,16 @@ class Linearization:
     def __init__(self, names: list[str], leaves: list[Tensor]) -> None:
         self.names = names
         self._leaves = leaves
+        # the tangent passes replay the forward's autocast state (mixed precision)
+        self._device_type = leaves[0].device.type if leaves else "cpu"
+        self._autocast = (
+            torch.is_autocast_enabled(self._device_type),
+            torch.get_autocast_dtype(self._device_type),
+        )
+
+    def _autocast_context(self) -> torch.autocast:
+        enabled, dtype = self._autocast
+        return torch.autocast(self._device_type, dtype=dtype, enabled=enabled)
 
     # -- public -------------------------------------------------------------------------
     def jvp(self, tangents: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -355,7 +377,7 @@ class Linearization:
         dict keys count as zero.
         """
         tdict = self._as_dict(tangents)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast_context():
             out = self._jvp(tdict)
         return torch.zeros_like(self.output) if out is None else out
 
@@ -774,6 +796,10 @@ def linearize(
     if engine not in ("auto", "layerwise", "functional"):
         raise ValueError(f"engine must be 'auto', 'layerwise' or 'functional', got {engine!r}")
     params = dict(params)
+    # Under autocast, casts of leaf parameters are cached for the life of the autocast
+    # context; an optimizer that updated parameters in place inside that context would
+    # otherwise see stale low-precision weights. Clearing costs one re-cast per forward.
+    torch.clear_autocast_cache()
     if engine in ("auto", "layerwise"):
         gm = _trace(model)
         if gm is not None:

@@ -62,6 +62,16 @@ class LossRule:
 
     Subclasses implement :meth:`value`, :meth:`grad`, :meth:`hessian_vp`, and where the loss is a
     negative log-likelihood also :meth:`sqrt_hessian` and :meth:`sample_grads`.
+
+    Example:
+        >>> rule = loss_rule(torch.nn.CrossEntropyLoss(reduction="sum"))
+        >>> isinstance(rule, LossRule)
+        True
+        >>> out, y = torch.zeros(1, 2), torch.tensor([0])
+        >>> S = rule.sqrt_hessian(out, y)          # H_L = sum_k S_k S_k^T
+        >>> torch.einsum("kni,knj->ij", S, S)      # diag(p) - p p^T at p = (1/2, 1/2)
+        tensor([[ 0.2500, -0.2500],
+                [-0.2500,  0.2500]])
     """
 
     #: Human-readable loss name used in error messages.

@@ -107,6 +107,14 @@ class CurvatureOperator(LinearOperator):
             mixed parameter dtypes/devices, a malformed batch.
         ValueError: for unknown parameter names, ``reduction='none'``, empty data, or a model
             output the loss cannot take (both shapes named).
+
+    Example:
+        >>> from curvlab.operators import GGN
+        >>> net = torch.nn.Linear(2, 1)
+        >>> batches = [(torch.randn(n, 2), torch.randn(n, 1)) for n in (3, 5)]
+        >>> G = GGN(net, torch.nn.MSELoss(), batches)     # 'mean' over all 8 examples
+        >>> isinstance(G, CurvatureOperator), G.shape
+        (True, (3, 3))
     """
 
     #: Weight 'mean' batches by examples (True) instead of loss terms (False).

@@ -15,11 +15,11 @@ from curvlab.optim.ngd import NaturalGradient
 from curvlab.optim.preconditioner import KFACPreconditioner
 
 __all__ = [
+    "KFAC",
     "CurveBall",
     "DenseBFGS",
     "DenseLevenbergMarquardt",
     "HessianFree",
-    "KFAC",
     "KFACPreconditioner",
     "NaturalGradient",
     "ResidualModel",

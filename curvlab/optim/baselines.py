@@ -80,6 +80,7 @@ class TorchOptimizer:
 
     def _loss(self, inputs: Any, targets: Tensor) -> Tensor:
         self.optimizer.zero_grad(set_to_none=False)
+        torch.clear_autocast_cache()  # LBFGS re-evaluates after in-place updates
         loss = self.loss_fn(self.model(inputs), targets)
         self.counters["forward"] += 1
         return loss

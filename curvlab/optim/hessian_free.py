@@ -52,13 +52,13 @@ class _GGNOperator:
     symmetric = True
 
     def __init__(self, lin: Any, rule: Any, out: Tensor, targets: Tensor, shapes: list,
-                 counters: dict[str, int]) -> None:
+                 counters: dict[str, int], dtype: torch.dtype) -> None:
         self.lin, self.rule, self.out, self.targets = lin, rule, out, targets
         self.shapes = shapes
         self.counters = counters
         n = sum(int(torch.Size(s).numel()) for s in shapes)
         self.shape = (n, n)
-        self.dtype = out.dtype
+        self.dtype = dtype  # parameter space (under autocast the output may be bf16)
         self.device = out.device
 
     def __matmul__(self, M: Tensor) -> Tensor:
@@ -162,7 +162,8 @@ class HessianFree:
             self.counters["skipped_steps"] += 1
             warn_skip("HessianFree", "loss or gradient", self.counters["skipped_steps"])
             return loss
-        op = _GGNOperator(lin, self.rule, out, targets, self.shapes, self.counters)
+        op = _GGNOperator(lin, self.rule, out, targets, self.shapes, self.counters,
+                          params[0].dtype)
         x0 = None if self.p_prev is None else self.warm_start_decay * self.p_prev
         keep = {math.ceil(1.3**k) for k in range(60)}
         stored: dict[int, Tensor] = {}

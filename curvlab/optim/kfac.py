@@ -258,6 +258,7 @@ class KFAC:
         ``passes`` is the number of extra backward passes recorded after the loss backward."""
         params = list(self.params.values())
         self.capture.clear()
+        torch.clear_autocast_cache()  # parameters changed in place since the last forward
         if cov:
             with self.capture:
                 out = self.model(inputs)

@@ -272,6 +272,7 @@ class NaturalGradient:
         square-root column of the loss Hessian): exact when examples do not interact."""
         params = list(self.params.values())
         cap = FactorCapture(layers)
+        torch.clear_autocast_cache()  # parameters changed in place since the last forward
         with cap:
             out = self.model(inputs)
         self.counters["forward"] += 1
