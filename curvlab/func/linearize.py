@@ -31,6 +31,7 @@ forward of a training step updates running statistics exactly once, like ``model
 from __future__ import annotations
 
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -314,8 +315,15 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
     try:
         graph = _Tracer().trace(model)
         gm: fx.GraphModule | None = fx.GraphModule(model, graph)
-    except Exception:  # any tracing failure -> functional engine
+    except Exception as err:  # any tracing failure -> functional engine, said once per model
         gm = None
+        warnings.warn(
+            f"curvlab.linearize: torch.fx cannot trace {type(model).__name__} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+            "using the functional engine (one extra forward per Jacobian product). Pass "
+            "engine='functional' to choose it explicitly and silence this warning.",
+            stacklevel=3,
+        )
     _TRACE_CACHE.setdefault(model, {})[key] = gm
     return gm
 
