@@ -37,7 +37,7 @@ from curvlab.experiments.comparison import TrainingProblem, run_comparison
 from curvlab.experiments.optimizers import Method
 from curvlab.experiments.plotting import line_panels, save
 from curvlab.experiments.registry import Claim, Context, Outcome, register
-from curvlab.experiments.training import exponential_batch_schedule
+from curvlab.experiments.training import exponential_batch_schedule, quick_mode_threads
 from curvlab.problems import autoencoder
 
 __all__ = [
@@ -266,4 +266,5 @@ def run_deep_autoencoder(ctx: Context, problems: Sequence[str] = ("digits", "cur
           paper="Martens & Grosse 2015 (K-FAC), §13")
 def deep_autoencoder(ctx: Context) -> Outcome:
     """Registered entry point: both problems (digits, curves) at ctx's size."""
-    return run_deep_autoencoder(ctx)
+    with quick_mode_threads(ctx.full):  # same numbers as the notebook
+        return run_deep_autoencoder(ctx)

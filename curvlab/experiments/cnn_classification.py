@@ -33,6 +33,7 @@ from curvlab.experiments.comparison import TrainingProblem, run_comparison
 from curvlab.experiments.optimizers import Method
 from curvlab.experiments.plotting import line_panels, save
 from curvlab.experiments.registry import Claim, Context, Outcome, register
+from curvlab.experiments.training import quick_mode_threads
 from curvlab.problems import basic_cifar_net
 
 __all__ = ["cnn_classification", "cnn_methods", "cnn_problem", "run_cnn_classification"]
@@ -165,4 +166,5 @@ def run_cnn_classification(ctx: Context, batch_norm: Sequence[bool] = (True, Fal
           paper="Henriques et al. 2019 (CurveBall) Table 2 / Fig. 3; Grosse & Martens 2016")
 def cnn_classification(ctx: Context) -> Outcome:
     """Registered entry point: both BatchNorm settings at ctx's size."""
-    return run_cnn_classification(ctx)
+    with quick_mode_threads(ctx.full):  # same numbers as the notebook
+        return run_cnn_classification(ctx)

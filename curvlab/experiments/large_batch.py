@@ -36,7 +36,7 @@ from curvlab.experiments.optimizers import Method, build_optimizer, unavailable_
 from curvlab.experiments.plotting import heatmap_panels, save
 from curvlab.experiments.registry import Claim, Context, Outcome, register
 from curvlab.experiments.runner import Run, RunResult, run_all
-from curvlab.experiments.training import train
+from curvlab.experiments.training import quick_mode_threads, train
 from curvlab.problems import small_mlp
 
 __all__ = [
@@ -252,4 +252,5 @@ def _claims(table: pd.DataFrame) -> list[Claim]:
           paper="Ma et al. 2019/2020 (arXiv 1903.06237)")
 def large_batch(ctx: Context) -> Outcome:
     """Registered entry point."""
-    return run_large_batch(ctx)
+    with quick_mode_threads(ctx.full):  # same numbers as the notebook
+        return run_large_batch(ctx)

@@ -29,7 +29,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +44,34 @@ __all__ = [
     "evaluate",
     "exponential_batch_schedule",
     "first_crossing",
+    "quick_mode_threads",
     "select_best",
     "train",
 ]
+
+
+@contextmanager
+def quick_mode_threads(full: bool) -> Iterator[None]:
+    """Run quick mode on one intra-op thread (restored afterwards).
+
+    Quick-mode networks are tiny: extra threads only add overhead, and -- more importantly --
+    the thread count changes floating-point reduction order, so training trajectories (and the
+    ranking of close methods) would differ between machines and between ``python -m curvlab
+    reproduce`` and the notebooks. Pinning one thread makes quick-mode numbers identical
+    wherever they are produced. Full mode keeps torch's default.
+
+    Example:
+        >>> with quick_mode_threads(full=False):
+        ...     torch.get_num_threads()
+        1
+    """
+    threads = torch.get_num_threads()
+    if not full:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 BatchSize = int | Callable[[int], int]
 
