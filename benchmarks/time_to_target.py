@@ -3,15 +3,17 @@
 For the deep auto-encoder (digits, quick size) and the basic CNN with BatchNorm (digits, quick
 size) problems of ``curvlab.experiments``:
 
-1. tune: every method's grid is trained once — the same resumable sweep (and, with the default
-   ``--out results``, the same files) as ``python -m curvlab reproduce``, so an earlier reproduce
-   run is reused; the best setting is the one with the lowest final training loss;
+1. tune: every method's grid is trained once — the same resumable sweep (with the default
+   ``--out results``, the same files, and in quick mode the same single pinned thread) as
+   ``python -m curvlab reproduce``, so an earlier reproduce run is reused; the best setting is
+   the one with the lowest final training loss;
 2. target: the lowest final training loss any first-order method (SGD-momentum, Adam) reached
    at its best setting, times ``--slack`` (default 1.0);
-3. time: each method's best setting is re-trained ``--repeats`` times, interleaved (method A,
-   B, C, A, B, C, ...), stopping at the target; optimizer seconds (evaluation excluded) until
-   the full-batch training loss first reaches the target; the median is reported, with its
-   ratio to the best first-order method's median (ratio < 1: faster than tuned SGD/Adam).
+3. time (torch's default threads): each method's best setting is re-trained ``--repeats``
+   times, interleaved (method A, B, C, A, B, C, ...), stopping at the target; optimizer
+   seconds (evaluation excluded) until the full-batch training loss first reaches the target;
+   the median is reported, with its ratio to the best first-order method's median (ratio < 1:
+   faster than tuned SGD/Adam).
 
 Usage::
 
@@ -39,7 +41,7 @@ from curvlab.experiments.cnn_classification import cnn_methods, cnn_problem
 from curvlab.experiments.comparison import run_comparison
 from curvlab.experiments.optimizers import build_optimizer
 from curvlab.experiments.reproduce import markdown_table
-from curvlab.experiments.training import train
+from curvlab.experiments.training import quick_mode_threads, train
 
 
 def _problems(names, ctx):
@@ -68,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(args.out, full=args.full, device=args.device, progress=True)
     rows = []
     for label, experiment, problem, methods in _problems(args.problems, ctx):
-        # same sweep (and results directory) as `python -m curvlab reproduce`: reused if present
-        res = run_comparison(experiment, [problem], methods, ctx, seeds=[0],
-                             score="final_train_loss")
+        # same sweep (and results directory, and the same pinned single thread in quick mode) as
+        # `python -m curvlab reproduce`: reused if present; the timing below uses default threads
+        with quick_mode_threads(ctx.full):
+            res = run_comparison(experiment, [problem], methods, ctx, seeds=[0],
+                                 score="final_train_loss")
         best = res.best
         fo = best[best["first_order"].astype(bool)]
         target = float(fo["final_train_loss"].min()) * args.slack
