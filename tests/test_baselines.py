@@ -10,13 +10,7 @@ from torch import nn
 
 from curvlab.optim import DenseBFGS, DenseLevenbergMarquardt, TorchOptimizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net():

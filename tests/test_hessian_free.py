@@ -11,13 +11,7 @@ from torch import nn
 from curvlab.func import flatten
 from curvlab.optim import HessianFree
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_exact_newton_on_linear_least_squares():

@@ -18,13 +18,7 @@ from curvlab.operators import GGN, EmpiricalFisher, Fisher, Hessian, LinearOpera
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP overhead on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL, ATOL = 1e-8, 1e-10
 
 

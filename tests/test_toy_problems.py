@@ -6,19 +6,12 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from curvlab.experiments import toy_problems as tp
 from curvlab.experiments.registry import make_context
 from curvlab.experiments.runner import Run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):

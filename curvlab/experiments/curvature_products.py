@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from curvlab.experiments.registry import Claim, Context, Outcome, register
+from curvlab.experiments.training import single_thread
 from curvlab.linalg import hutchinson_trace, lanczos
 from curvlab.operators import GGN, EmpiricalFisher, Fisher, Hessian
 
@@ -99,13 +100,8 @@ def curvature_study(
         ['EmpiricalFisher', 'Fisher', 'GGN', 'Hessian']
     """
     device = torch.device(device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny matrices: intra-op threads only add overhead
-    try:
+    with single_thread(enabled=device.type == "cpu"):  # tiny matrices: threads only add overhead
         return _study(hidden, num_data, mc_samples, device, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _study(hidden, num_data, mc_samples, device, seed) -> dict[str, Any]:

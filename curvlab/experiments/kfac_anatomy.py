@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from curvlab.experiments.registry import Claim, Context, Outcome, register
+from curvlab.experiments.training import single_thread
 from curvlab.kfac import find_layers
 from curvlab.operators import GGN, EmpiricalFisher
 from curvlab.operators.kfac import KFAC
@@ -227,9 +228,7 @@ def inversion_costs(widths: list[int], repeats: int = 5) -> pd.DataFrame:
         (8, 16)
     """
     gen = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         rows = []
         for w in widths:
             p = 2 * w * w
@@ -248,8 +247,6 @@ def inversion_costs(widths: list[int], repeats: int = 5) -> pd.DataFrame:
                          **{f"time_{k}_s": secs[k] for k in sizes},
                          "flop_ratio_dense_over_kron": flops["dense"] / flops["kronecker"],
                          "time_ratio_dense_over_kron": secs["dense"] / secs["kronecker"]})
-    finally:
-        torch.set_num_threads(threads)
     return pd.DataFrame(rows)
 
 

@@ -31,7 +31,7 @@ from curvlab.data import load_digits
 from curvlab.experiments.plotting import line_panels, save
 from curvlab.experiments.registry import Claim, Context, Outcome, register
 from curvlab.experiments.runner import Run, RunResult, run_all
-from curvlab.experiments.training import first_crossing, select_best, train
+from curvlab.experiments.training import first_crossing, quick_mode_threads, select_best, train
 from curvlab.optim.baselines import TorchOptimizer
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.ngd import NaturalGradient
@@ -120,14 +120,9 @@ def compare_ngd_kfac_sgd(
                     eval_every=eval_every, device=ctx.device, seed=run.seed)
         return RunResult(res.summary, res.trace)
 
-    threads = torch.get_num_threads()
-    if not ctx.full:  # tiny models: one thread avoids oversubscription on shared CPUs
-        torch.set_num_threads(1)
-    try:
+    with quick_mode_threads(ctx.full):  # tiny models; reproducible numbers
         summary, trace = run_all(runs, fn, ctx.out_dir, desc=NAME, progress=ctx.progress,
                                  device=ctx.device)
-    finally:
-        torch.set_num_threads(threads)
     best = select_best(summary, ["method"], score="final_train_loss", hyper=["lr"])
     return summary, trace, best
 

@@ -39,6 +39,7 @@ import torch
 
 from curvlab.experiments.registry import Claim, Context, Outcome, register
 from curvlab.experiments.runner import Run, RunResult, read_results, run_all
+from curvlab.experiments.training import single_thread
 from curvlab.optim import (
     CurveBall,
     DenseBFGS,
@@ -187,9 +188,7 @@ def run_one(run: Run) -> RunResult:
     trace: list[dict[str, Any]] = []
     solved_at: int | None = None
     diverged = False
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for it in range(budget):
@@ -209,8 +208,6 @@ def run_one(run: Run) -> RunResult:
                 if not (math.isfinite(f) and math.isfinite(step_loss)) or f > 1e10:
                     diverged = True
                     break
-    finally:
-        torch.set_num_threads(threads)
     tail = losses[-9:]
     score = float(np.mean(tail)) if tail and not diverged else math.inf
     return RunResult(

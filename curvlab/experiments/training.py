@@ -29,7 +29,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,32 +46,46 @@ __all__ = [
     "first_crossing",
     "quick_mode_threads",
     "select_best",
+    "single_thread",
     "train",
 ]
 
 
 @contextmanager
-def quick_mode_threads(full: bool) -> Iterator[None]:
-    """Run quick mode on one intra-op thread (restored afterwards).
+def single_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block on one intra-op thread (restored afterwards); a no-op when not ``enabled``.
 
-    Quick-mode networks are tiny: extra threads only add overhead, and -- more importantly --
-    the thread count changes floating-point reduction order, so training trajectories (and the
+    Tiny problems gain nothing from extra threads but overhead, and the thread count changes
+    floating-point reduction order, hence training trajectories.
+
+    Example:
+        >>> with single_thread():
+        ...     torch.get_num_threads()
+        1
+    """
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quick_mode_threads(full: bool) -> AbstractContextManager[None]:
+    """Run quick mode on one intra-op thread; full mode keeps torch's default.
+
+    The thread count changes floating-point reduction order, so training trajectories (and the
     ranking of close methods) would differ between machines and between ``python -m curvlab
     reproduce`` and the notebooks. Pinning one thread makes quick-mode numbers identical
-    wherever they are produced. Full mode keeps torch's default.
+    wherever they are produced.
 
     Example:
         >>> with quick_mode_threads(full=False):
         ...     torch.get_num_threads()
         1
     """
-    threads = torch.get_num_threads()
-    if not full:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return single_thread(enabled=not full)
 
 BatchSize = int | Callable[[int], int]
 
