@@ -139,11 +139,6 @@ class EmpiricalFisher(CurvatureOperator):
 
     _weight_by_examples = True
 
-    def __init__(
-        self, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamsArg = None
-    ) -> None:
-        super().__init__(model, loss_fn, data, params)
-
     def _batch_products(self, inputs: Any, targets: Any, vs: list[list[Tensor]]) -> tuple:
         rule = self.rule
         return self._linearized_products(

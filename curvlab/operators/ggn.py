@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvlab.func.losses import LossFn
-from curvlab.func.params import ParamsArg
 from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["GGN"]
@@ -46,11 +44,6 @@ class GGN(CurvatureOperator):
         >>> bool(torch.linalg.eigvalsh(G.to_dense()).min() > -1e-6)
         True
     """
-
-    def __init__(
-        self, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamsArg = None
-    ) -> None:
-        super().__init__(model, loss_fn, data, params)
 
     def _batch_products(self, inputs: Any, targets: Any, vs: list[list[Tensor]]) -> tuple:
         rule = self.rule

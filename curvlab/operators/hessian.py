@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func.losses import LossFn
-from curvlab.func.params import ParamsArg, cloned_buffers
+from curvlab.func.params import cloned_buffers
 from curvlab.func.products import hessian_vector_products
 from curvlab.operators.curvature import CurvatureOperator, stack_columns
 
@@ -47,11 +46,6 @@ class Hessian(CurvatureOperator):
         tensor([[2., 0.],
                 [0., 8.]])
     """
-
-    def __init__(
-        self, model: nn.Module, loss_fn: LossFn, data: Any, params: ParamsArg = None
-    ) -> None:
-        super().__init__(model, loss_fn, data, params)
 
     #: Columns per ``vmap``-ed forward-over-reverse pass in a matrix product.
     vectorize_chunk = 16
