@@ -1,4 +1,4 @@
-"""The two benchmark problems shared by every script in benchmarks/ (not a test).
+"""What every script in benchmarks/ shares (not a test): the two problems and a device sync.
 
 * ``mlp``: 784-1000-500-250-10 tanh MLP, batch 512 (:func:`curvlab.problems.benchmark_mlp`).
 * ``cnn``: 3c3d-like CNN on 3x32x32 inputs, batch 128 (:func:`curvlab.problems.cnn_3c3d`).
@@ -31,3 +31,9 @@ MODELS: dict[str, Callable[..., tuple[nn.Module, tuple[int, ...], int]]] = {
     "mlp": mlp,
     "cnn": cnn,
 }
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

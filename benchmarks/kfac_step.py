@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _models import MODELS  # benchmarks/_models.py: the shared networks
+from _common import MODELS, sync  # benchmarks/_common.py: shared networks and sync
 from torch import nn
 
 from curvlab.optim.kfac import KFAC
@@ -34,16 +34,11 @@ from curvlab.optim.kfac import KFAC
 CONFIGS = ((10, 100), (1, 20))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

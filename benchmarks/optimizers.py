@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _models import MODELS  # benchmarks/_models.py: the shared networks
+from _common import MODELS, sync  # benchmarks/_common.py: shared networks and sync
 from torch import nn
 
 from curvlab.optim import CurveBall, HessianFree, TorchOptimizer
@@ -56,11 +56,6 @@ BASELINE = "SGD"
 MEMORY_BASELINE = "SGD+momentum"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _setup(model_name: str, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     net, shape, batch = MODELS[model_name]()
@@ -84,11 +79,11 @@ def time_cases(model_name: str, cases: list[StepCase], device: torch.device, rep
     for _ in range(repeats):
         for case in cases:
             opt, x, y = opts[case.name]
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 opt.step(x, y)
-            _sync(device)
+            sync(device)
             times[case.name].append((time.perf_counter() - start) / steps)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -24,36 +24,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import MODELS, sync  # benchmarks/_common.py: shared networks
 from torch import nn
 
 from curvlab.func import ggnvp, hessian_vector_product, linearize, loss_rule, select_params
 from curvlab.operators import GGN, EmpiricalFisher, Fisher, Hessian
 
 K = 8
-
-
-def mlp() -> tuple[nn.Module, tuple[int, ...], int]:
-    net = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 1000), nn.Tanh(), nn.Linear(1000, 500), nn.Tanh(),
-        nn.Linear(500, 250), nn.Tanh(), nn.Linear(250, 10),
-    )
-    return net, (784,), 512
-
-
-def cnn() -> tuple[nn.Module, tuple[int, ...], int]:
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
-        nn.Flatten(), nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-    return net, (3, 32, 32), 128
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def products(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
@@ -138,7 +115,7 @@ def measure(fns: dict[str, Callable], repeats: int, device: torch.device,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: leave torch's default)")
@@ -151,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     results: dict[str, dict[str, float]] = {}
     for name in args.models:
-        model, shape, batch = {"mlp": mlp, "cnn": cnn}[name]()
+        model, shape, batch = MODELS[name]()
         model = model.to(device)
         x = torch.randn(batch, *shape, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
