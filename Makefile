@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check curvlab tests benchmarks notebooks
+	$(BIN)/ruff check curvlab tests benchmarks notebooks conftest.py
 
 test: lint
 	$(BIN)/python -m pytest -q tests curvlab notebooks --nbval-lax --nbval-current-env

@@ -1,10 +1,16 @@
-"""Shared test fixtures."""
+"""Shared pytest configuration for tests/ and notebooks/."""
 
 from __future__ import annotations
 
 import pytest
 
 from curvlab.experiments.training import single_thread
+
+
+def pytest_collectstart(collector):
+    """nbval: compare no stderr (warnings carry per-run ipykernel temp paths)."""
+    if collector.fspath and collector.fspath.ext == ".ipynb":
+        collector.skip_compare += ("stderr",)
 
 
 @pytest.fixture
