@@ -1,12 +1,17 @@
 """Matrix-free linear operators: the algebra base and the data-set curvature matrices.
 
 * :mod:`curvlab.operators.base` -- :class:`LinearOperator` (``@`` on flat/matrix/list/dict,
-  ``+``, ``-``, scalar ``*``, ``.T``, ``to_dense``, ``to_scipy``) and simple operators.
+  ``+``, ``-``, scalar ``*``, ``.T``, ``to_dense``, ``to_scipy``); it re-exports the pieces
+  that live in :mod:`~curvlab.operators.flat` (:func:`flatten_params`, :func:`unflatten`),
+  :mod:`~curvlab.operators.forms` (input forms), :mod:`~curvlab.operators.composite` (sum,
+  scaled, product, adjoint), :mod:`~curvlab.operators.explicit` (identity, dense) and
+  :mod:`~curvlab.operators.scipy_export`.
 * :class:`Hessian`, :class:`GGN`, :class:`Fisher` (Monte-Carlo), :class:`EmpiricalFisher` --
   curvature of a loss over a data set (:mod:`curvlab.operators.curvature` for data handling and
   the mean/sum convention).
 """
 
+# base first: it imports the composite/explicit operators after defining LinearOperator.
 from curvlab.operators.base import (
     AdjointOperator,
     DenseOperator,
