@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func.linearization import Linearization, _replay_rng, _rng_state
+from curvlab.func.linearization import Linearization
 from curvlab.func.params import cloned_buffers
+from curvlab.func.rng import replay_rng, rng_state, tensor_leaves
 
 __all__ = ["FunctionalLinearization"]
 
@@ -30,7 +31,7 @@ class FunctionalLinearization(Linearization):
         self._model = model
         self._inputs = inputs
         self._primals = {n: p.detach() for n, p in params.items()}
-        self._rng = _rng_state(inputs)
+        self._rng = rng_state(tensor_leaves(inputs))
         buffers = dict(model.named_buffers()) if update_buffers else cloned_buffers(model)
         self._buffers_for_jvp = cloned_buffers(model)
         with torch.enable_grad():
@@ -55,5 +56,5 @@ class FunctionalLinearization(Linearization):
             return torch.func.functional_call(self._model, ({**self._primals, **p}, buffers),
                                               (self._inputs,))
 
-        with _replay_rng(self._rng):
+        with replay_rng(self._rng):
             return torch.func.jvp(f, (primal,), (dict(tangents),))[1]

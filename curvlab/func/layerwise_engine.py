@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from curvlab.func.function_rules import all_none, function_tangent, has_float_tensor
-from curvlab.func.linearization import Linearization, _replay_rng, _rng_state
+from curvlab.func.linearization import Linearization
 from curvlab.func.params import cloned_buffers
+from curvlab.func.rng import replay_rng, rng_state, tensor_leaves
 from curvlab.func.tangent_rules import MODULE_RULES, Tangent, module_rule
 
 __all__ = ["LayerwiseLinearization", "trace"]
@@ -173,7 +174,7 @@ class LayerwiseLinearization(Linearization):
             {k: v.detach() for k, v in values.items()},
             [a.detach() if isinstance(a, Tensor) else a for a in args],
             kwargs,
-            _rng_state(args),
+            rng_state(tensor_leaves(args)),
         )
         return out, ctx, keys
 
@@ -237,5 +238,5 @@ class LayerwiseLinearization(Linearization):
                 for i in tensor_pos
             ],
         )
-        with _replay_rng(rng):
+        with replay_rng(rng):
             return torch.func.jvp(f, primals, tans)[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -121,35 +120,3 @@ class Linearization:
 
     def _jvp(self, tangents: dict[str, Tensor]) -> Tensor | None:
         raise NotImplementedError
-
-
-# ----------------------------------------------------------------------------------------
-# RNG replay (dropout inside generic nodes / the functional engine)
-
-
-def _rng_state(tree: Any) -> tuple:
-    devices = sorted(
-        {
-            leaf.device.index or 0
-            for leaf in torch.utils._pytree.tree_flatten(tree)[0]
-            if isinstance(leaf, Tensor) and leaf.device.type == "cuda"
-        }
-    )
-    cuda = [torch.cuda.get_rng_state(d) for d in devices]
-    return torch.get_rng_state(), devices, cuda
-
-
-class _replay_rng:
-    def __init__(self, state: tuple) -> None:
-        self.state = state
-
-    def __enter__(self):
-        cpu, devices, cuda = self.state
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.set_rng_state(cpu)
-        for d, s in zip(devices, cuda, strict=True):
-            torch.cuda.set_rng_state(s, d)
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)

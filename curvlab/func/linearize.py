@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from curvlab.func.functional_engine import FunctionalLinearization
 from curvlab.func.layerwise_engine import LayerwiseLinearization, trace
-from curvlab.func.linearization import Linearization, _replay_rng, _rng_state  # noqa: F401
+from curvlab.func.linearization import Linearization
 
 __all__ = ["Linearization", "linearize"]
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab.func.per_example import per_example_output_grads
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
@@ -402,10 +404,7 @@ class AutodiffLossRule(LossRule):
         return torch.func.jvp(lambda o: g(o, target), (output.detach(),), (v,))[1]
 
     def per_example_grads(self, output: Tensor, target: Tensor) -> Tensor:
-        def single(o: Tensor, t: Tensor) -> Tensor:
-            return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0))
-
-        return torch.func.vmap(torch.func.grad(single))(output.detach(), target)
+        return per_example_output_grads(self.loss_fn, output, target)
 
     def empirical_fisher_vp(self, output: Tensor, target: Tensor, u: Tensor) -> Tensor:
         if self.reduction == "custom":

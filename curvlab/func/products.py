@@ -28,9 +28,10 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
-from curvlab.func.linearize import Linearization, _replay_rng, _rng_state, linearize
+from curvlab.func.linearize import Linearization, linearize
 from curvlab.func.losses import LossFn, LossRule, loss_rule
 from curvlab.func.params import ParamsArg, cloned_buffers, select_params
+from curvlab.func.rng import replay_rng, rng_state, tensor_leaves
 
 Tangents = Mapping[str, Tensor] | Sequence[Tensor]
 
@@ -263,12 +264,12 @@ def hessian_vector_products(
     """
     names = list(params)
     leaves = [p.detach().requires_grad_(True) for p in params.values()]
-    rng = _rng_state(inputs)
+    rng = rng_state(tensor_leaves(inputs))
     results: list[list[Tensor]] = []
     for v in vs:
         buffers = cloned_buffers(model)
         try:
-            with _replay_rng(rng), torch.enable_grad(), fwad.dual_level():
+            with replay_rng(rng), torch.enable_grad(), fwad.dual_level():
                 duals = {
                     n: fwad.make_dual(leaf, t.to(leaf.dtype))
                     for n, leaf, t in zip(names, leaves, v, strict=True)
@@ -306,7 +307,7 @@ def _functorch_hvp(model, loss_fn, names, leaves, inputs, targets, v, rng) -> li
         return loss_fn(torch.func.functional_call(model, (p, buffers), (inputs,)), targets)
 
     primals = {n: leaf.detach() for n, leaf in zip(names, leaves, strict=True)}
-    with _replay_rng(rng), torch.enable_grad():
+    with replay_rng(rng), torch.enable_grad():
         out = hvp(loss_of_params, primals, dict(zip(names, v, strict=True)))
     return [out[n] for n in names]
 
