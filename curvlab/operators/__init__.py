@@ -9,6 +9,8 @@
 * :class:`Hessian`, :class:`GGN`, :class:`Fisher` (Monte-Carlo), :class:`EmpiricalFisher` --
   curvature of a loss over a data set (:mod:`curvlab.operators.curvature` for data handling and
   the mean/sum convention).
+* :class:`LocalGGN` -- the GGN of one mini-batch at the current point, built on one forward
+  (:mod:`curvlab.operators.local`): the products GGN-based optimizers need.
 """
 
 # base first: it imports the composite/explicit operators after defining LinearOperator.
@@ -27,6 +29,7 @@ from curvlab.operators.curvature import CurvatureOperator
 from curvlab.operators.fisher import EmpiricalFisher, Fisher
 from curvlab.operators.ggn import GGN
 from curvlab.operators.hessian import Hessian
+from curvlab.operators.local import LocalGGN
 
 __all__ = [
     "GGN",
@@ -38,6 +41,7 @@ __all__ = [
     "Hessian",
     "IdentityOperator",
     "LinearOperator",
+    "LocalGGN",
     "ProductOperator",
     "ScaledOperator",
     "SumOperator",
