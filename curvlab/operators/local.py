@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func.linearize import Linearization, linearize
+from curvlab.func import Linearization, linearize
 from curvlab.func.losses import LossRule, loss_rule
 from curvlab.func.params import ParamsArg, flatten, select_params
 from curvlab.operators.base import LinearOperator
