@@ -7,10 +7,13 @@ differentiated by ``torch.func.jvp`` on that call alone (:func:`generic_function
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.func.tangent_rules import Tangent, add_tangents
 
@@ -18,6 +21,7 @@ __all__ = [
     "LINEAR_IN_FIRST",
     "LINEAR_METHODS",
     "all_none",
+    "float_output_jvp",
     "function_tangent",
     "generic_function_tangent",
     "has_float_tensor",
@@ -94,23 +98,57 @@ def function_tangent(fn, node: fx.Node, ctx, targs, tkwargs) -> Tangent:
 
 
 def generic_function_tangent(fn, args, kwargs, targs, tkwargs) -> Tangent:
-    """``torch.func.jvp`` of ``fn`` alone, tangents on its floating-point tensor arguments."""
-    flat_args, spec = torch.utils._pytree.tree_flatten((args, kwargs))
-    flat_t, _ = torch.utils._pytree.tree_flatten(
-        (targs, tkwargs), is_leaf=lambda x: x is None
-    )
-    pos = [i for i, a in enumerate(flat_args) if isinstance(a, Tensor) and a.is_floating_point()]
+    """``torch.func.jvp`` of ``fn`` alone, tangents on its floating-point tensor arguments.
+
+    Integer and boolean tensors (indices, masks) are constants; non-floating outputs get no
+    tangent (``None``).
+    """
+    flat_args, spec = tree_flatten((args, kwargs))
+    flat_t = _flat_tangents((args, kwargs), (targs, tkwargs))
+    pos = [i for i, a in enumerate(flat_args) if _is_float(a)]
 
     def f(*values):
         full = list(flat_args)
         for i, v in zip(pos, values, strict=True):
             full[i] = v
-        a, k = torch.utils._pytree.tree_unflatten(full, spec)
+        a, k = tree_unflatten(full, spec)
         return fn(*a, **k)
 
     primals = tuple(flat_args[i].detach() for i in pos)
     tans = tuple(
         flat_t[i] if flat_t[i] is not None else torch.zeros_like(flat_args[i]) for i in pos
     )
-    out = torch.func.jvp(f, primals, tans)[1]
-    return out
+    return float_output_jvp(f, primals, tans)
+
+
+def float_output_jvp(f: Callable[..., Any], primals: tuple, tangents: tuple) -> Any:
+    """``torch.func.jvp(f, primals, tangents)[1]`` for an ``f`` whose output may hold
+    non-tensor or non-floating leaves (e.g. ``(attn_output, None)`` or ``(values, indices)``):
+    those get ``None``, the output's structure is kept."""
+    record: dict[str, Any] = {}
+
+    def float_leaves(*p):
+        leaves, out_spec = tree_flatten(f(*p))
+        record["mask"] = [_is_float(leaf) for leaf in leaves]
+        record["spec"] = out_spec
+        return tuple(leaf for leaf in leaves if _is_float(leaf))
+
+    touts = iter(torch.func.jvp(float_leaves, primals, tangents)[1])
+    full = [next(touts) if keep else None for keep in record["mask"]]
+    return tree_unflatten(full, record["spec"])
+
+
+def _is_float(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point()
+
+
+def _flat_tangents(arg: Any, targ: Any) -> list:
+    """Tangents aligned with ``tree_flatten(arg)``; a ``None`` tangent of a container stands
+    for ``None`` at each of its leaves."""
+    if targ is None:
+        return [None] * len(tree_flatten(arg)[0])
+    if isinstance(arg, tuple | list) and isinstance(targ, tuple | list) and len(arg) == len(targ):
+        return [t for a, ta in zip(arg, targ, strict=True) for t in _flat_tangents(a, ta)]
+    if isinstance(arg, Mapping) and isinstance(targ, Mapping):
+        return [t for k in arg for t in _flat_tangents(arg[k], targ.get(k))]
+    return [targ]

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from curvlab.func.function_rules import all_none, function_tangent, has_float_tensor
+from curvlab.func.function_rules import (
+    all_none,
+    float_output_jvp,
+    function_tangent,
+    has_float_tensor,
+)
 from curvlab.func.linearization import Linearization
 from curvlab.func.params import cloned_buffers
 from curvlab.func.rng import replay_rng, rng_state, tensor_leaves
@@ -219,7 +224,10 @@ class LayerwiseLinearization(Linearization):
         }
         if not tvals and all_none(targs):
             return None
-        tensor_pos = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        # integer/boolean tensors (token ids, masks) are constants without tangents
+        tensor_pos = [
+            i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()
+        ]
         buffers = cloned_buffers(mod)
 
         def f(pvals, *targ_values):
@@ -239,4 +247,4 @@ class LayerwiseLinearization(Linearization):
             ],
         )
         with replay_rng(rng):
-            return torch.func.jvp(f, primals, tans)[1]
+            return float_output_jvp(f, primals, tans)

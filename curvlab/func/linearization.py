@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from curvlab.func.forward_ad import forward_ad_kernels
+
 __all__ = ["Linearization"]
 
 
@@ -55,7 +57,7 @@ class Linearization:
         dict keys count as zero.
         """
         tdict = self._as_dict(tangents)
-        with torch.no_grad(), self._autocast_context():
+        with torch.no_grad(), self._autocast_context(), forward_ad_kernels():
             out = self._jvp(tdict)
         return torch.zeros_like(self.output) if out is None else out
 

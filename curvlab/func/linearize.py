@@ -11,16 +11,22 @@ Two engines:
 
 ``"layerwise"``
     The model is traced with ``torch.fx``; each node gets a tangent rule. Hand-written rules
-    cover ``Linear``, ``Conv1d/2d/3d``, ``BatchNorm1d/2d/3d`` (train and eval), ``ReLU``,
-    ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Dropout``, max/avg pooling, ``Flatten``,
-    ``Identity``, additions and shape operations. Any other module or function is handled by
-    ``torch.func.jvp`` on that node alone (correct, costs one extra forward of that node).
+    cover ``Linear``, ``Conv1d/2d/3d``, ``BatchNorm1d/2d/3d`` (train and eval), ``Embedding``,
+    ``LayerNorm``, ``ReLU``, ``LeakyReLU``, ``GELU``, ``Tanh``, ``Sigmoid``, ``Dropout``, max/avg
+    pooling, ``Flatten``, ``Identity``, additions and shape operations. Any other module or
+    function (e.g. ``MultiheadAttention``) is handled by ``torch.func.jvp`` on that node alone
+    (correct, costs one extra forward of that node).
 ``"functional"``
     Fallback for models ``torch.fx`` cannot trace (data-dependent control flow): each tangent is
     ``torch.func.jvp`` of the whole model (one extra forward per product), the RNG state replayed
     so dropout masks match.
 
 ``"auto"`` (default) uses ``"layerwise"`` when tracing succeeds.
+
+Inputs may hold integer or boolean tensors (token ids, masks): tangents exist only for
+floating-point tensors, everything else is a constant of the linearization. Tangent passes run
+attention on its "math" kernel, the one with a forward-mode derivative
+(:mod:`curvlab.func.forward_ad`).
 
 Buffers: with ``update_buffers=False`` (the default, used by every curvature operator) nothing
 the model owns is modified: BatchNorm in train mode normalizes with batch statistics without

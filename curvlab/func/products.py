@@ -28,6 +28,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
+from curvlab.func.forward_ad import forward_ad_kernels
 from curvlab.func.linearize import Linearization, linearize
 from curvlab.func.losses import LossFn, LossRule, loss_rule
 from curvlab.func.params import ParamsArg, cloned_buffers, select_params
@@ -269,7 +270,7 @@ def hessian_vector_products(
     for v in vs:
         buffers = cloned_buffers(model)
         try:
-            with replay_rng(rng), torch.enable_grad(), fwad.dual_level():
+            with replay_rng(rng), forward_ad_kernels(), torch.enable_grad(), fwad.dual_level():
                 duals = {
                     n: fwad.make_dual(leaf, t.to(leaf.dtype))
                     for n, leaf, t in zip(names, leaves, v, strict=True)
@@ -307,7 +308,7 @@ def _functorch_hvp(model, loss_fn, names, leaves, inputs, targets, v, rng) -> li
         return loss_fn(torch.func.functional_call(model, (p, buffers), (inputs,)), targets)
 
     primals = {n: leaf.detach() for n, leaf in zip(names, leaves, strict=True)}
-    with replay_rng(rng), torch.enable_grad():
+    with replay_rng(rng), forward_ad_kernels(), torch.enable_grad():
         out = hvp(loss_of_params, primals, dict(zip(names, v, strict=True)))
     return [out[n] for n in names]
 

@@ -217,6 +217,71 @@ class DropoutRule(ModuleRule):
         return tx * ctx
 
 
+class EmbeddingRule(ModuleRule):
+    """``nn.Embedding``: linear in the weight; the input (indices) carries no tangent.
+
+    The tangent is the embedding of the weight tangent at the same indices. The row at
+    ``padding_idx`` is a constant (PyTorch gives it zero gradient and never updates it), so its
+    tangent is dropped as well and :math:`Jv` stays the adjoint of the backward.
+    """
+
+    def primal(self, mod, x, p, update):
+        out = F.embedding(x, p["weight"], mod.padding_idx, None, mod.norm_type,
+                          mod.scale_grad_by_freq, mod.sparse)
+        return out, x
+
+    def tangent(self, mod, ctx, tx, tp):
+        tw = tp.get("weight")
+        if tw is None:
+            return None
+        if mod.padding_idx is not None:
+            keep = torch.ones(tw.shape[0], 1, dtype=tw.dtype, device=tw.device)
+            keep[mod.padding_idx] = 0.0
+            tw = tw * keep
+        return F.embedding(ctx, tw)
+
+
+class LayerNormRule(ModuleRule):
+    r"""``nn.LayerNorm``: :math:`y = \hat x w + b`, statistics over ``normalized_shape``."""
+
+    def primal(self, mod, x, p, update):
+        w, b = p.get("weight"), p.get("bias")
+        out = F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
+        dims = tuple(range(-len(mod.normalized_shape), 0))
+        with torch.no_grad():
+            xd = x.detach()
+            rstd = (xd.var(dims, unbiased=False, keepdim=True) + mod.eps).rsqrt()
+            xhat = (xd - xd.mean(dims, keepdim=True)) * rstd
+        return out, (dims, xhat, rstd, None if w is None else w.detach())
+
+    def tangent(self, mod, ctx, tx, tp):
+        dims, xhat, rstd, w = ctx
+        out = None
+        if tx is not None:
+            txhat = rstd * (
+                tx - tx.mean(dims, keepdim=True) - xhat * (tx * xhat).mean(dims, keepdim=True)
+            )
+            out = txhat if w is None else txhat * w
+        if tp.get("weight") is not None:
+            out = add_tangents(out, xhat * tp["weight"])
+        if tp.get("bias") is not None:
+            out = tp["bias"].expand_as(xhat) if out is None else out + tp["bias"]
+        return out
+
+
+class GELURule(ModuleRule):
+    """``nn.GELU`` (exact or tanh approximation): tangent ``gelu'(x) * tx`` by PyTorch's own
+    derivative kernel."""
+
+    def primal(self, mod, x, p, update):
+        return mod(x), x.detach()
+
+    def tangent(self, mod, ctx, tx, tp):
+        if tx is None:
+            return None
+        return torch.ops.aten.gelu_backward(tx, ctx, approximate=mod.approximate)
+
+
 def _leaky_relu_derivative(mod, x, y):
     return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, mod.negative_slope))
 
@@ -247,6 +312,9 @@ MODULE_RULES: dict[type, ModuleRule] = {
     nn.MaxPool2d: MaxPoolRule(),
     nn.MaxPool3d: MaxPoolRule(),
     nn.Dropout: DropoutRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GELU: GELURule(),
 }
 
 
@@ -256,6 +324,8 @@ def module_rule(mod: nn.Module) -> ModuleRule | None:
     if isinstance(rule, ConvRule) and mod.padding_mode != "zeros":
         return None
     if isinstance(rule, MaxPoolRule) and getattr(mod, "return_indices", False):
+        return None
+    if isinstance(rule, EmbeddingRule) and mod.max_norm is not None:  # renormalizes in place
         return None
     return rule
 
