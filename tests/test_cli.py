@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from curvlab.__main__ import build_parser, main
-from curvlab.experiments.registry import Claim, Outcome, register, unregister
-from curvlab.experiments.runner import Run, RunResult, run_all
+from curvlab.experiments.harness.registry import Claim, Outcome, register, unregister
+from curvlab.experiments.harness.runner import Run, RunResult, run_all
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import curvlab.experiments as ex
-from curvlab.experiments.registry import (
+from curvlab.experiments.harness.registry import (
     Claim,
     Context,
     Outcome,
@@ -16,7 +16,7 @@ from curvlab.experiments.registry import (
     register,
     unregister,
 )
-from curvlab.experiments.reproduce import reproduce, resolve_names, summary_markdown
+from curvlab.experiments.harness.reproduce import reproduce, resolve_names, summary_markdown
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from curvlab.experiments.provenance import PROVENANCE_COLUMNS, git_commit, resolve_device
-from curvlab.experiments.runner import Run, RunResult, flatten_config, read_results, run_all
+from curvlab.experiments.harness.provenance import PROVENANCE_COLUMNS, git_commit, resolve_device
+from curvlab.experiments.harness.runner import Run, RunResult, flatten_config, read_results, run_all
 
 
 def _fn(calls: list):

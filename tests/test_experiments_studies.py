@@ -8,10 +8,10 @@ import math
 import pandas as pd
 import pytest
 
-import curvlab.experiments.autoencoder as ae
-import curvlab.experiments.cnn_classification as cnn
-import curvlab.experiments.large_batch as lb
-from curvlab.experiments.registry import get_experiment, make_context
+import curvlab.experiments.studies.autoencoder as ae
+import curvlab.experiments.studies.cnn_classification as cnn
+import curvlab.experiments.studies.large_batch as lb
+from curvlab.experiments.harness.registry import get_experiment, make_context
 
 
 @pytest.fixture

@@ -10,17 +10,20 @@ import torch
 from torch import nn
 
 from curvlab.data import Dataset
-from curvlab.experiments.comparison import TrainingProblem, run_comparison
-from curvlab.experiments.optimizers import Method, build_optimizer, unavailable_reason
-from curvlab.experiments.plotting import heatmap_panels, line_panels, save
-from curvlab.experiments.registry import make_context
-from curvlab.experiments.training import (
-    evaluate,
-    exponential_batch_schedule,
-    first_crossing,
-    select_best,
-    train,
+from curvlab.experiments.harness.comparison import (
+    ComparisonResult,
+    TrainingProblem,
+    best_methods,
+    build_problems,
+    method_value,
+    not_run_notes,
+    run_comparison,
 )
+from curvlab.experiments.harness.optimizers import Method, build_optimizer, unavailable_reason
+from curvlab.experiments.harness.plotting import heatmap_panels, line_panels, save
+from curvlab.experiments.harness.registry import make_context
+from curvlab.experiments.harness.selection import first_crossing, select_best
+from curvlab.experiments.harness.training import evaluate, exponential_batch_schedule, train
 
 
 def _blobs(n: int = 96, d: int = 5, classes: int = 3) -> Dataset:
@@ -119,6 +122,18 @@ def test_first_crossing_and_select_best():
     assert best["hp.lr"].tolist() == [0.1, 0.1]  # lr=1 diverged once -> +inf mean
 
 
+def test_select_best_ties_go_to_the_first_listed_setting():
+    df = pd.DataFrame({"m": ["a"] * 3 + ["b"] * 2, "hp.lr": [3.0, 1.0, 2.0, 1.0, 0.5],
+                       "seed": 0, "final_train_loss": [0.5, 0.5, 0.7, math.inf, math.nan]})
+    best = select_best(df, ["m"])
+    assert best[["m", "hp.lr"]].values.tolist() == [["a", 3.0], ["b", 1.0]]
+    # every run its own setting (a grid searched on one seed), keyed by the run key
+    df["key"] = ["k0", "k1", "k2", "k3", "k4"]
+    assert select_best(df, ["m"], hyper=["key"])["key"].tolist() == ["k0", "k3"]
+    with pytest.raises(KeyError, match="no column"):
+        select_best(df, ["m"], score="final_val_error")
+
+
 def test_method_and_build_optimizer():
     m = Method("x", "adam", {"weight_decay": 0.0}, {"lr": [1e-3, 1e-2], "betas": [(0.9, 0.99)]})
     assert m.tuned and len(m.configs()) == 2 and m.grid_points()[0] == {
@@ -133,6 +148,49 @@ def test_method_and_build_optimizer():
     assert reason is not None and reason.startswith("ValueError")
     assert unavailable_reason(Method("ok", "sgd", {"lr": 0.1}), lambda: nn.Linear(2, 2),
                               nn.MSELoss()) is None
+
+
+def test_build_optimizer_covers_every_study():
+    lin = nn.Linear(2, 1, dtype=torch.float64)
+    loss = nn.MSELoss()
+    adam = build_optimizer("adam", lin, loss, {"lr": 0.1, "beta1": 0.99, "beta2": 0.999})
+    assert adam.optimizer.defaults["betas"] == (0.99, 0.999)
+    with pytest.raises(ValueError, match="not both"):
+        build_optimizer("adam", lin, loss, {"betas": (0.9, 0.9), "beta1": 0.5})
+    names = {"ngd": {"damping": 1e-2}, "lm": {}, "bfgs": {}, "curveball": {"engine": "auto"},
+             "hessian-free": {}, "kfac": {"damping": 1e-2}}
+    for name, hp in names.items():
+        assert build_optimizer(name, nn.Linear(2, 1, dtype=torch.float64), loss, hp) is not None
+    # seed= gives the optimizer its own generator, seeded like torch.Generator().manual_seed
+    kfac = build_optimizer("kfac", lin, loss, {"damping": 1e-2}, seed=7)
+    assert torch.equal(kfac.generator.get_state(), torch.Generator().manual_seed(7).get_state())
+    with pytest.raises(ValueError, match="not both"):
+        build_optimizer("kfac", lin, loss, {"damping": 1e-2, "generator": None}, seed=1)
+    with pytest.raises(TypeError):  # torch.optim.SGD has no sampling: a loud error
+        build_optimizer("sgd", lin, loss, {"lr": 0.1}, seed=1)
+
+
+def test_comparison_helpers():
+    table = pd.DataFrame({"problem": ["p", "p", "p", "q"],
+                          "method": ["a", "b", "c", "a"],
+                          "status": ["ran", "ran", "not run: x", "ran"],
+                          "diverged": [False, True, False, False],
+                          "final_train_error": [0.5, 0.1, math.nan, 0.25]})
+    assert method_value(table, "p", "a", "final_train_error") == 0.5
+    assert method_value(table, "p", "b", "final_train_error") == math.inf  # diverged
+    assert method_value(table, "p", "c", "final_train_error") == math.inf  # not run
+    assert method_value(pd.DataFrame(), "p", "a", "final_train_error") == math.inf
+    assert best_methods(table, ["p", "q", "r"], "final_train_error") == {
+        "p best": "b 0.1", "q best": "a 0.25"}
+    assert best_methods(table, ["p"], "final_val_error") == {}
+
+    def missing():
+        raise FileNotFoundError("gone")
+
+    built, skipped = build_problems([("x", missing)])
+    assert built == [] and skipped == {"x": "data not available: gone"}
+    res = ComparisonResult(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {("p", "c"): "x"})
+    assert not_run_notes(res, skipped) == "p/c: not run: x; x: not run: data not available: gone"
 
 
 def test_run_comparison_reports_unavailable_and_resumes(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from curvlab.experiments.kfac_anatomy import (
+from curvlab.experiments.studies.kfac_anatomy import (
     commutation_matrix,
     compute_anatomy,
     exact_fisher_by_enumeration,

@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from curvlab.experiments import toy_problems as tp
-from curvlab.experiments.registry import make_context
-from curvlab.experiments.runner import Run
+from curvlab.experiments.harness.registry import make_context
+from curvlab.experiments.harness.runner import Run
+from curvlab.experiments.studies import toy_problems as tp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,12 +46,12 @@ def test_run_one_stops_on_divergence():
     assert not res.summary["solved"]
 
 
-def test_select_best_and_summarize():
+def test_best_settings_and_summarize():
     runs = [(Run(tp.EXPERIMENT, {"lr": lr}, seed=0), {"lr": lr}) for lr in (0.1, 0.01)]
     grid = pd.DataFrame({"key": [r.key for r, _ in runs], "problem": ["rosenbrock"] * 2,
                          "noise_scale": [0.0, 0.0], "optimizer": ["sgd"] * 2,
                          "score": [float("nan"), 0.5]})
-    assert tp.select_best(grid, runs) == {("rosenbrock", 0.0, "sgd"): {"lr": 0.01}}
+    assert tp.best_settings(grid, runs) == {("rosenbrock", 0.0, "sgd"): {"lr": 0.01}}
     rep = pd.DataFrame({"problem": ["rosenbrock"] * 3, "noise_scale": [0.0] * 3,
                         "optimizer": ["sgd"] * 3, "solved": [True, True, False],
                         "iterations_to_tol": [10.0, 20.0, float("nan")]})

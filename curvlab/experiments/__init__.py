@@ -1,6 +1,11 @@
-"""Reproducible experiments: runner, registry, and the registered experiment modules.
+"""Reproducible experiments: the harness, and the studies registered with it.
 
-Importing this package imports every module in :data:`EXPERIMENT_MODULES` so that its
+:mod:`curvlab.experiments.harness` holds what every study uses (registry, runner, reproduce,
+provenance, plotting, training loop, optimizer factory, best-setting selection, comparison
+sweeps); :mod:`curvlab.experiments.studies` holds one module per study. The old flat paths
+(``curvlab.experiments.runner``, ``curvlab.experiments.toy_problems``, ...) still import.
+
+Importing this package imports every study in :data:`EXPERIMENT_MODULES` so that its
 experiments register themselves. A module that is missing or fails to import is not dropped
 silently: :func:`module_status` reports it (``python -m curvlab list`` prints it as
 "not available: <reason>").
@@ -19,8 +24,8 @@ import importlib
 import traceback
 from dataclasses import dataclass
 
-from curvlab.experiments.provenance import git_commit, provenance, resolve_device
-from curvlab.experiments.registry import (
+from curvlab.experiments.harness.provenance import git_commit, provenance, resolve_device
+from curvlab.experiments.harness.registry import (
     Claim,
     Context,
     Experiment,
@@ -31,7 +36,13 @@ from curvlab.experiments.registry import (
     register,
     unregister,
 )
-from curvlab.experiments.runner import Run, RunResult, flatten_config, read_results, run_all
+from curvlab.experiments.harness.runner import (
+    Run,
+    RunResult,
+    flatten_config,
+    read_results,
+    run_all,
+)
 
 __all__ = [
     "EXPERIMENT_MODULES",
@@ -59,7 +70,7 @@ __all__ = [
     "unregister",
 ]
 
-#: Experiment modules under ``curvlab/experiments/`` imported (and thereby registered) here.
+#: Study modules under ``curvlab/experiments/studies/`` imported (and thereby registered) here.
 EXPERIMENT_MODULES: tuple[str, ...] = (
     "curvature_products",
     "toy_problems",
@@ -87,6 +98,7 @@ class ModuleStatus:
 
 
 _STATUS: dict[str, ModuleStatus] = {}
+_STUDIES = f"{__name__}.studies"
 
 
 def load_experiment_modules(*, reload: bool = False) -> dict[str, ModuleStatus]:
@@ -94,7 +106,7 @@ def load_experiment_modules(*, reload: bool = False) -> dict[str, ModuleStatus]:
     for module in EXPERIMENT_MODULES:
         if module in _STATUS and not reload:
             continue
-        full = f"{__name__}.{module}"
+        full = f"{_STUDIES}.{module}"
         try:
             importlib.import_module(full)
             _STATUS[module] = ModuleStatus(module, True)
