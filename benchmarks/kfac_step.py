@@ -2,7 +2,7 @@
 
 Models (same as ``benchmarks/products.py``): MLP 784-1000-500-250-10 tanh, batch 512; 3c3d-like
 CNN (conv64(5)-pool-conv96(3)-pool-conv128(3)-pool-fc512-fc256-fc10, ReLU, 32x32x3), batch 128;
-cross-entropy, float32. ``curvlab.optim.KFAC(fisher='mc')`` is timed in its three kinds of
+cross-entropy, float32. ``curvlab.optim.KFACOptimizer(fisher='mc')`` is timed in its three kinds of
 work, interleaved round-robin with a plain SGD step (``zero_grad``, forward, backward,
 ``torch.optim.SGD.step``) in one process, medians over ``--repeats`` rounds:
 
@@ -29,7 +29,7 @@ import torch
 from _common import MODELS, sync  # benchmarks/_common.py: shared networks and sync
 from torch import nn
 
-from curvlab.optim.kfac import KFAC
+from curvlab.optim.kfac import KFACOptimizer
 
 CONFIGS = ((10, 100), (1, 20))
 
@@ -55,7 +55,7 @@ def measure(name: str, *, repeats: int, device: torch.device, inverse: str = "ei
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     sgd = torch.optim.SGD(sgd_net.parameters(), lr=1e-3, momentum=0.9)
-    opt = KFAC(net, loss_fn, lr=1e-3, momentum=0.9, damping=1e-2, fisher="mc",
+    opt = KFACOptimizer(net, loss_fn, lr=1e-3, momentum=0.9, damping=1e-2, fisher="mc",
                inverse=inverse, cov_interval=1, inv_interval=10**9, num_forced_inverses=1,
                generator=torch.Generator(device=device).manual_seed(0))
 
@@ -73,8 +73,9 @@ def measure(name: str, *, repeats: int, device: torch.device, inverse: str = "ei
         opt.step(x, y)
 
     def refresh() -> None:
-        opt.curv.dirty = True
-        opt.curv.refresh(opt.damping)
+        for block in opt.engine.blocks.values():
+            block.stale = True
+        opt.engine.refresh()
 
     for fn in (sgd_step, kfac_cov, kfac_plain, sgd_step, kfac_plain):  # warm-up
         fn()

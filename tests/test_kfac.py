@@ -485,11 +485,26 @@ class _Shared(nn.Module):
         return self.fc(torch.tanh(self.fc(x)))
 
 
-def test_weight_sharing_is_refused_not_silently_wrong():
+def test_weight_sharing_follows_kfac_expand():
+    """A layer called twice: its calls are extra locations (K-FAC-expand), paired exactly."""
+    torch.manual_seed(0)
     net = _Shared().to(DT)
-    with pytest.raises(NotImplementedError, match="called 2 times"):
-        kfac_factors(net, nn.MSELoss(), torch.randn(3, 2, dtype=DT), torch.randn(3, 2, dtype=DT),
-                     find_layers(net))
+    x, y = torch.randn(3, 2, dtype=DT), torch.randn(3, 2, dtype=DT)
+    fac = kfac_factors(net, nn.MSELoss(reduction="sum"), x, y, find_layers(net))["fc"]
+    h = net.fc(x)
+    a2 = torch.tanh(h)
+    out = net.fc(a2)
+    ones = torch.ones(3, 1, dtype=DT)
+    abar = torch.stack([torch.cat([x, ones], 1), torch.cat([a2, ones], 1)], 1)  # (N, R, 3)
+    _close(fac.A, torch.einsum("nri,nrj->ij", abar, abar) / 3)
+    g_total = torch.zeros(2, 2, dtype=DT)
+    for k in range(2):  # MSE 'sum' sqrt-Hessian columns: √2 e_k per example
+        cot = torch.zeros_like(out)
+        cot[:, k] = 2**0.5
+        d_out, d_h = torch.autograd.grad(out, [out, h], cot, retain_graph=True)
+        for d in (d_h, d_out):
+            g_total += d.T @ d
+    _close(fac.G, g_total / 2)  # mean over the R = 2 calls, as over locations
 
 
 def test_safe_eigh_retries_in_float64(monkeypatch):

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import KFAC, CurveBall, HessianFree, NaturalGradient, TorchOptimizer
+from curvlab.optim import CurveBall, HessianFree, KFACOptimizer, NaturalGradient, TorchOptimizer
 
 FACTORIES = {
     "sgd": lambda m, f: TorchOptimizer(m, f, torch.optim.SGD, lr=0.5),
     "lbfgs": lambda m, f: TorchOptimizer(m, f, torch.optim.LBFGS, lr=0.1, max_iter=3),
     "curveball": lambda m, f: CurveBall(m, f),
     "hessian-free": lambda m, f: HessianFree(m, f, max_cg_iters=5),
-    "kfac": lambda m, f: KFAC(m, f, lr=0.1, damping=1e-2),
-    "kfac-adaptive": lambda m, f: KFAC(m, f, damping=1.0, adaptive=True),
+    "kfac": lambda m, f: KFACOptimizer(m, f, lr=0.1, damping=1e-2),
+    "kfac-adaptive": lambda m, f: KFACOptimizer(m, f, damping=1.0, adaptive=True),
     "ngd": lambda m, f: NaturalGradient(m, f, lr=0.2, damping=1.0),
 }
 

@@ -19,7 +19,7 @@ from test_optim_kfac_oracles import (
 from torch import nn
 
 from curvlab.kfac import kfac_factors
-from curvlab.optim.kfac import KFAC
+from curvlab.optim.kfac import KFACOptimizer
 
 DT = torch.float64
 
@@ -52,7 +52,7 @@ def test_type2_mse_deep_linear_equals_block_natural_gradient():
     for s in layer_slices(net):
         n = s.stop - s.start
         expected[s] = torch.linalg.solve(F[s, s] + lam * torch.eye(n, dtype=DT), g[s])
-    opt = KFAC(net, loss_fn, lr=1.0, momentum=0.0, damping=lam, fisher="type2")
+    opt = KFACOptimizer(net, loss_fn, lr=1.0, momentum=0.0, damping=lam, fisher="type2")
     delta = one_step_delta(net, opt, x, y)
     torch.testing.assert_close(delta, expected, rtol=1e-8, atol=1e-12)
 
@@ -80,7 +80,7 @@ def test_preconditioned_gradient_matches_dense_kronecker_inverse(inverse):
         block = torch.empty_like(sol)
         block[perm] = sol
         expected[s] = block
-    opt = KFAC(net, loss_fn, lr=1.0, momentum=0.0, damping=lam, fisher="type2",
+    opt = KFACOptimizer(net, loss_fn, lr=1.0, momentum=0.0, damping=lam, fisher="type2",
                inverse=inverse)
     torch.testing.assert_close(one_step_delta(net, opt, x, y), expected, rtol=1e-8,
                                atol=1e-12)
@@ -97,7 +97,7 @@ def test_adaptive_alpha_mu_match_dense_quadratic_model():
     x, y = torch.randn(10, 3, dtype=DT), torch.randint(0, 4, (10,))
     loss_fn = nn.CrossEntropyLoss()
     wd = 1e-3
-    opt = KFAC(net, loss_fn, damping=0.5, fisher="type2", adaptive=True, weight_decay=wd,
+    opt = KFACOptimizer(net, loss_fn, damping=0.5, fisher="type2", adaptive=True, weight_decay=wd,
                lambda_interval=100, gamma_interval=100)
     theta0 = flat_params(net)
     opt.step(x, y)
@@ -105,7 +105,7 @@ def test_adaptive_alpha_mu_match_dense_quadratic_model():
     delta0 = theta1 - theta0
     F = dense_ggn(net, loss_fn, x, y)
     gh = flat_grad(net, loss_fn, x, y) + wd * theta1
-    lam = opt.lambd
+    lam = opt.damping
     opt.step(x, y)
     proposal = torch.cat([t.reshape(-1) for t in opt.last_proposal])
     Fd = F + (lam + wd) * torch.eye(F.shape[0], dtype=DT)
@@ -113,9 +113,9 @@ def test_adaptive_alpha_mu_match_dense_quadratic_model():
                      torch.stack([delta0 @ Fd @ proposal, delta0 @ Fd @ delta0])])
     c = torch.stack([gh @ proposal, gh @ delta0])
     sol = -torch.linalg.solve(M, c)
-    assert opt.last["alpha"] == pytest.approx(float(sol[0]), rel=1e-8)
-    assert opt.last["mu"] == pytest.approx(float(sol[1]), rel=1e-8)
-    assert opt.last["qmodel_change"] == pytest.approx(0.5 * float(sol @ c), rel=1e-8)
+    assert opt.diagnostics["alpha"] == pytest.approx(float(sol[0]), rel=1e-8)
+    assert opt.diagnostics["mu"] == pytest.approx(float(sol[1]), rel=1e-8)
+    assert opt.diagnostics["qmodel_change"] == pytest.approx(0.5 * float(sol @ c), rel=1e-8)
     step = flat_params(net) - theta1
     torch.testing.assert_close(step, sol[0] * proposal + sol[1] * delta0, rtol=1e-8,
                                atol=1e-12)
@@ -125,22 +125,22 @@ def test_adaptive_first_step_is_one_dimensional():
     net = tanh_net(2)
     x, y = torch.randn(10, 3, dtype=DT), torch.randint(0, 4, (10,))
     loss_fn = nn.CrossEntropyLoss()
-    opt = KFAC(net, loss_fn, damping=1.0, fisher="type2", adaptive=True)
+    opt = KFACOptimizer(net, loss_fn, damping=1.0, fisher="type2", adaptive=True)
     F = dense_ggn(net, loss_fn, x, y)
     g = flat_grad(net, loss_fn, x, y)
     theta0 = flat_params(net)
     opt.step(x, y)
     d = torch.cat([t.reshape(-1) for t in opt.last_proposal])
     alpha = -(g @ d) / (d @ F @ d + 1.0 * (d @ d))
-    assert opt.last["alpha"] == pytest.approx(float(alpha), rel=1e-8)
-    assert opt.last["mu"] == 0.0
+    assert opt.diagnostics["alpha"] == pytest.approx(float(alpha), rel=1e-8)
+    assert opt.diagnostics["mu"] == 0.0
     torch.testing.assert_close(flat_params(net) - theta0, alpha * d, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize(("rho", "direction"), [(-1.0, 1), (0.1, 1), (float("nan"), 1),
                                                 (0.5, 0), (0.9, -1)])
 def test_lm_lambda_rule(rho, direction):
-    new = KFAC.adjust_lambda(2.0, rho, interval=5)
+    new = KFACOptimizer.adjust_lambda(2.0, rho, interval=5)
     omega = (19 / 20) ** 5
     expected = {1: 2.0 / omega, 0: 2.0, -1: 2.0 * omega}[direction]
     assert new == pytest.approx(expected, rel=1e-12)
@@ -149,33 +149,34 @@ def test_lm_lambda_rule(rho, direction):
 def test_lm_lambda_updated_from_rho_every_interval():
     net = tanh_net(3)
     x, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 4, (16,))
-    opt = KFAC(net, nn.CrossEntropyLoss(), damping=1.0, fisher="type2", adaptive=True,
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), damping=1.0, fisher="type2", adaptive=True,
                lambda_interval=2)
     opt.step(x, y)
-    assert opt.last["rho"] is None and opt.lambd == 1.0
+    assert opt.diagnostics["rho"] is None and opt.damping == 1.0
     opt.step(x, y)
-    rho = opt.last["rho"]
+    rho = opt.diagnostics["rho"]
     assert rho is not None
-    assert opt.lambd == pytest.approx(KFAC.adjust_lambda(1.0, rho, 2), rel=1e-12)
+    assert opt.damping == pytest.approx(KFACOptimizer.adjust_lambda(1.0, rho, 2), rel=1e-12)
 
 
 def test_rho_is_exact_reduction_ratio():
     net = tanh_net(4)
     x, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 4, (16,))
     loss_fn = nn.CrossEntropyLoss()
-    opt = KFAC(net, loss_fn, damping=1.0, fisher="type2", adaptive=True, lambda_interval=1)
+    opt = KFACOptimizer(net, loss_fn, damping=1.0, fisher="type2", adaptive=True, lambda_interval=1)
     with torch.no_grad():
         h0 = float(loss_fn(net(x), y))
     opt.step(x, y)
     with torch.no_grad():
         h1 = float(loss_fn(net(x), y))
-    assert opt.last["rho"] == pytest.approx((h1 - h0) / opt.last["qmodel_change"], rel=1e-8)
+    assert opt.diagnostics["rho"] == (
+        pytest.approx((h1 - h0) / opt.diagnostics["qmodel_change"], rel=1e-8))
 
 
 def test_gamma_search_keeps_gamma_in_bounds_and_picks_a_candidate():
     net = tanh_net(5)
     x, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 4, (16,))
-    opt = KFAC(net, nn.CrossEntropyLoss(), damping=0.25, fisher="type2", adaptive=True,
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), damping=0.25, fisher="type2", adaptive=True,
                gamma_interval=2, weight_decay=1e-4)
     g0 = opt.gamma
     assert g0 == pytest.approx(math.sqrt(0.25 + 1e-4))
@@ -189,14 +190,15 @@ def test_gamma_search_keeps_gamma_in_bounds_and_picks_a_candidate():
 
 def test_ema_warm_start_weights_and_values():
     net = tanh_net(6)
-    opt = KFAC(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1, fisher="type2",
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1, fisher="type2",
                ema_decay=0.6)
+    block = opt.engine.blocks["0"]
     ws = []
     for k in range(1, 6):
-        ws.append(opt.curv.ema_weight())
-        opt.curv.updates = k
+        ws.append(block.ema_weight())
+        block.updates = k
     assert ws == pytest.approx([0.0, 0.5, 0.6, 0.6, 0.6])
-    opt.curv.updates = 0
+    block.updates = 0
     x1, y1 = torch.randn(8, 3, dtype=DT), torch.randint(0, 4, (8,))
     x2, y2 = torch.randn(8, 3, dtype=DT), torch.randint(0, 4, (8,))
     f1 = kfac_factors(net, nn.CrossEntropyLoss(), x1, y1, _layers(net), fisher="type2")
@@ -204,15 +206,16 @@ def test_ema_warm_start_weights_and_values():
     f2 = kfac_factors(net, nn.CrossEntropyLoss(), x2, y2, _layers(net), fisher="type2")
     opt.step(x2, y2)
     for name in ("0", "2"):
-        torch.testing.assert_close(opt.curv.A[name], 0.5 * f1[name].A + 0.5 * f2[name].A)
-        torch.testing.assert_close(opt.curv.G[name], 0.5 * f1[name].G + 0.5 * f2[name].G)
+        torch.testing.assert_close(opt.engine.blocks[name].A, 0.5 * f1[name].A + 0.5 * f2[name].A)
+        torch.testing.assert_close(opt.engine.blocks[name].G, 0.5 * f1[name].G + 0.5 * f2[name].G)
 
 
 def _make(seed, **kw):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.2), nn.Linear(6, 3))
     kw.setdefault("damping", 0.1)
-    opt = KFAC(net, nn.CrossEntropyLoss(), generator=torch.Generator().manual_seed(1), **kw)
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), generator=torch.Generator().manual_seed(1),
+                        **kw)
     return net, opt
 
 
@@ -239,20 +242,23 @@ def test_state_dict_round_trip_bit_exact(kw):
     for p, q in zip(net.parameters(), net2.parameters()):
         assert torch.equal(p, q)
     s1, s2 = opt.state_dict(), opt2.state_dict()
-    assert s1["lambd"] == s2["lambd"] and s1["gamma"] == s2["gamma"]
-    assert torch.equal(s1["generator"], s2["generator"])
-    for n in s1["curvature"]["A"]:
-        assert torch.equal(s1["curvature"]["A"][n], s2["curvature"]["A"][n])
+    assert s1["param_groups"][0]["damping"] == s2["param_groups"][0]["damping"]
+    c1, c2 = s1["curvlab"], s2["curvlab"]
+    assert c1["gamma"] == c2["gamma"]
+    assert torch.equal(c1["generator"], c2["generator"])
+    for n, b in c1["engine"]["blocks"].items():
+        assert torch.equal(b["A"], c2["engine"]["blocks"][n]["A"])
 
 
 def _flat_state(opt):
     st = opt.state_dict()
-    ts = [*st["buf"], st["generator"].double()]
-    c = st["curvature"]
-    for key in ("A", "G", "scale"):
-        ts += list(c[key].values())
-    ts += [t for e in c["eig"].values() for t in e]
-    return ts, (st["lambd"], st["gamma"], st["count"], c["updates"])
+    c = st["curvlab"]
+    ts = [s["momentum_buffer"] for s in st["state"].values()] + [c["generator"].double()]
+    for b in c["engine"]["blocks"].values():
+        ts += [t for t in (b["A"], b["G"], b["scalings"]) if t is not None]
+        ts += list(b["eig"] or ())
+    return ts, (st["param_groups"][0]["damping"], c["gamma"], c["counters"]["steps"],
+                [b["updates"] for b in c["engine"]["blocks"].values()])
 
 
 @pytest.mark.parametrize("where", ["input", "target"])
@@ -260,7 +266,7 @@ def test_nan_batch_is_skipped_and_leaves_everything_untouched(where):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
     with pytest.warns(UserWarning, match="plain gradient"):
-        opt = KFAC(net, nn.MSELoss(), lr=0.1, damping=0.1)
+        opt = KFACOptimizer(net, nn.MSELoss(), lr=0.1, damping=0.1)
     x, y = torch.randn(8, 4), torch.randn(8, 2)
     opt.step(x, y)
     params = [p.detach().clone() for p in net.parameters()]
@@ -284,7 +290,7 @@ def test_unsupported_module_warns_and_gets_plain_gradient():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias.*plain gradient"):
-        opt = KFAC(net, nn.MSELoss(), lr=1.0, momentum=0.0, damping=0.1)
+        opt = KFACOptimizer(net, nn.MSELoss(), lr=1.0, momentum=0.0, damping=0.1)
     x, y = torch.randn(8, 3), torch.randn(8, 2)
     g = torch.autograd.grad(nn.MSELoss()(net(x), y), [net[1].weight, net[1].bias])
     w0, b0 = net[1].weight.detach().clone(), net[1].bias.detach().clone()
@@ -292,7 +298,7 @@ def test_unsupported_module_warns_and_gets_plain_gradient():
     torch.testing.assert_close(w0 - net[1].weight, g[0])
     torch.testing.assert_close(b0 - net[1].bias, g[1])
     with pytest.raises(ValueError, match="LayerNorm"):
-        KFAC(net, nn.MSELoss(), damping=0.1, strict=True)
+        KFACOptimizer(net, nn.MSELoss(), damping=0.1, strict=True)
 
 
 def test_kl_clip_scales_the_step():
@@ -300,10 +306,11 @@ def test_kl_clip_scales_the_step():
     x, y = torch.randn(10, 3, dtype=DT), torch.randint(0, 4, (10,))
     ref = copy.deepcopy(net)
     lr, clip = 0.5, 1e-4
-    d_ref = one_step_delta(ref, KFAC(ref, nn.CrossEntropyLoss(), lr=lr, momentum=0.0,
+    d_ref = one_step_delta(ref, KFACOptimizer(ref, nn.CrossEntropyLoss(), lr=lr, momentum=0.0,
                                      damping=0.1, fisher="type2"), x, y)
     g = flat_grad(net, nn.CrossEntropyLoss(), x, y)
-    opt = KFAC(net, nn.CrossEntropyLoss(), lr=lr, momentum=0.0, damping=0.1, fisher="type2",
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=lr, momentum=0.0, damping=0.1,
+                        fisher="type2",
                kl_clip=clip)
     d = one_step_delta(net, opt, x, y)
     p = d_ref / lr
@@ -318,27 +325,28 @@ def test_ekfac_scalings_are_dense_block_diagonal_in_eigenbasis():
     x, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 4, (6,))
     loss_fn = nn.CrossEntropyLoss()
     F = dense_ggn(net, loss_fn, x, y)
-    opt = KFAC(net, loss_fn, lr=1.0, momentum=0.0, damping=0.1, fisher="type2", ekfac=True)
+    opt = KFACOptimizer(net, loss_fn, lr=1.0, momentum=0.0, damping=0.1, fisher="type2", ekfac=True)
     opt.step(x, y)
-    _, QA, _, QG = opt.curv.eig["0"]
+    _, QA, _, QG = opt.engine.blocks["0"].eig
     perm = v_order(4, 3, True)
     Fv = F[perm][:, perm]
     Q = torch.kron(QG, QA)
     expected = torch.diagonal(Q.T @ Fv @ Q).reshape(4, 4)
-    torch.testing.assert_close(opt.curv.scale["0"], expected, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(opt.engine.blocks["0"].scalings, expected, rtol=1e-8, atol=1e-12)
 
 
 def test_momentum_is_sgd_style_on_preconditioned_direction():
     net = tanh_net(9)
     x, y = torch.randn(10, 3, dtype=DT), torch.randint(0, 4, (10,))
-    opt = KFAC(net, nn.CrossEntropyLoss(), lr=0.3, momentum=0.5, damping=0.1, fisher="type2",
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=0.3, momentum=0.5, damping=0.1,
+                        fisher="type2",
                inv_interval=1)
     d1 = one_step_delta(net, opt, x, y)
     ref = copy.deepcopy(net)
-    ref_opt = KFAC(ref, nn.CrossEntropyLoss(), lr=0.3, momentum=0.0, damping=0.1,
+    ref_opt = KFACOptimizer(ref, nn.CrossEntropyLoss(), lr=0.3, momentum=0.0, damping=0.1,
                    fisher="type2", inv_interval=1)
     ref_opt.load_state_dict(opt.state_dict())
-    ref_opt.buf = [torch.zeros_like(b) for b in ref_opt.buf]
+    ref_opt.state.clear()  # no momentum buffer
     p2 = one_step_delta(ref, ref_opt, x, y)
     d2 = one_step_delta(net, opt, x, y)
     torch.testing.assert_close(d2, 0.5 * d1 + p2, rtol=1e-9, atol=1e-12)
@@ -349,7 +357,7 @@ def test_conv_net_trains_and_reports_memory():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                         nn.Linear(4 * 6 * 6, 3))
     x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
-    opt = KFAC(net, nn.CrossEntropyLoss(), lr=0.3, damping=0.1, fisher="mc")
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=0.3, damping=0.1, fisher="mc")
     losses = [float(opt.step(x, y)) for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
     mem = opt.memory_usage()
@@ -371,7 +379,8 @@ def test_kfac_beats_tuned_sgd_per_iteration_on_ill_conditioned_problem():
         return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
 
     net = fresh()
-    opt = KFAC(net, loss_fn, lr=0.3, momentum=0.5, damping=0.1, fisher="mc", inv_interval=5,
+    opt = KFACOptimizer(net, loss_fn, lr=0.3, momentum=0.5, damping=0.1, fisher="mc",
+                        inv_interval=5,
                generator=torch.Generator().manual_seed(0))
     for _ in range(15):
         opt.step(x, y)
@@ -393,30 +402,30 @@ def test_kfac_beats_tuned_sgd_per_iteration_on_ill_conditioned_problem():
 def test_bf16_autocast_keeps_factors_float32():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = KFAC(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1)
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(3):
             loss = opt.step(x, y)
     assert math.isfinite(float(loss))
     for name in ("0", "2"):
-        assert opt.curv.A[name].dtype == torch.float32
-        assert opt.curv.G[name].dtype == torch.float32
-        assert all(t.dtype == torch.float32 for t in opt.curv.eig[name])
+        assert opt.engine.blocks[name].A.dtype == torch.float32
+        assert opt.engine.blocks[name].G.dtype == torch.float32
+        assert all(t.dtype == torch.float32 for t in opt.engine.blocks[name].eig)
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_invalid_arguments_are_named():
     net = tanh_net()
     with pytest.raises(ValueError, match="fisher"):
-        KFAC(net, nn.MSELoss(), damping=0.1, fisher="exact")
+        KFACOptimizer(net, nn.MSELoss(), damping=0.1, fisher="exact")
     with pytest.raises(ValueError, match="cov_interval"):
-        KFAC(net, nn.MSELoss(), damping=0.1, cov_interval=0)
+        KFACOptimizer(net, nn.MSELoss(), damping=0.1, cov_interval=0)
     with pytest.raises(ValueError, match="inverse"):
-        KFAC(net, nn.MSELoss(), damping=0.1, inverse="cholesky")
+        KFACOptimizer(net, nn.MSELoss(), damping=0.1, inverse="cholesky")
     with pytest.raises(ValueError, match="load_state_dict"):
-        KFAC(deep_linear(), nn.MSELoss(), damping=0.1).load_state_dict(
-            KFAC(net, nn.MSELoss(), damping=0.1).state_dict())
+        KFACOptimizer(deep_linear(), nn.MSELoss(), damping=0.1).load_state_dict(
+            KFACOptimizer(net, nn.MSELoss(), damping=0.1).state_dict())
 
 
 def test_intervals_and_counters():
@@ -424,7 +433,7 @@ def test_intervals_and_counters():
     x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 4, (8,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = KFAC(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1, cov_interval=2,
+        opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1, cov_interval=2,
                    inv_interval=4)
         for _ in range(9):
             opt.step(x, y)
@@ -448,11 +457,11 @@ def test_block_tridiagonal_step_matches_tridiagonal_inverse(fisher):
     us = tri.apply(vs)
     expected = torch.cat([t.reshape(-1) for u, layer in zip(us, layers)
                           for t in layer.from_matrix(u)])
-    opt = KFAC(net, loss_fn, lr=1.0, momentum=0.0, damping=lam, fisher=fisher,
+    opt = KFACOptimizer(net, loss_fn, lr=1.0, momentum=0.0, damping=lam, fisher=fisher,
                structure="block-tridiagonal")
     torch.testing.assert_close(one_step_delta(net, opt, x, y), expected, rtol=1e-8, atol=1e-12)
     with pytest.raises(ValueError, match="block-tridiagonal"):
-        KFAC(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1)), loss_fn,
+        KFACOptimizer(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1)), loss_fn,
              damping=0.1, structure="block-tridiagonal")
 
 
@@ -463,7 +472,7 @@ def test_block_tridiagonal_adaptive_and_state_round_trip():
     def make():
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-        return net, KFAC(net, nn.CrossEntropyLoss(), damping=0.5, adaptive=True,
+        return net, KFACOptimizer(net, nn.CrossEntropyLoss(), damping=0.5, adaptive=True,
                          structure="block-tridiagonal", inv_interval=2, gamma_interval=3,
                          generator=torch.Generator().manual_seed(0))
 
@@ -478,7 +487,7 @@ def test_block_tridiagonal_adaptive_and_state_round_trip():
         opt2.step(x, y)
     for p, q in zip(net.parameters(), net2.parameters()):
         assert torch.equal(p, q)
-    assert math.isfinite(opt.last["alpha"])
+    assert math.isfinite(opt.diagnostics["alpha"])
 
 
 def test_adaptive_rho_evaluation_leaves_batchnorm_stats_and_dropout_alone():
@@ -488,7 +497,8 @@ def test_adaptive_rho_evaluation_leaves_batchnorm_stats_and_dropout_alone():
     ref = copy.deepcopy(net)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     with pytest.warns(UserWarning, match="plain gradient"):
-        opt = KFAC(net, nn.CrossEntropyLoss(), damping=1.0, adaptive=True, lambda_interval=1)
+        opt = KFACOptimizer(net, nn.CrossEntropyLoss(), damping=1.0, adaptive=True,
+                            lambda_interval=1)
     torch.manual_seed(5)
     loss = opt.step(x, y)
     torch.manual_seed(5)
@@ -497,7 +507,7 @@ def test_adaptive_rho_evaluation_leaves_batchnorm_stats_and_dropout_alone():
     assert torch.equal(loss, ref_loss)
     torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=0, atol=0)
     assert int(net[1].num_batches_tracked) == 1
-    rho = opt.last["rho"]
+    rho = opt.diagnostics["rho"]
     assert rho is not None and math.isfinite(rho)
     # rho used the replayed dropout mask: recompute h(θ+δ) with the same mask
     torch.manual_seed(5)
@@ -508,4 +518,4 @@ def test_adaptive_rho_evaluation_leaves_batchnorm_stats_and_dropout_alone():
         out = torch.func.functional_call(ref2, (dict(ref2.named_parameters()),
                                                 cloned_buffers(ref2)), (x,))
     h1 = float(nn.CrossEntropyLoss()(out, y))
-    assert rho == pytest.approx((h1 - float(loss)) / opt.last["qmodel_change"], rel=1e-6)
+    assert rho == pytest.approx((h1 - float(loss)) / opt.diagnostics["qmodel_change"], rel=1e-6)

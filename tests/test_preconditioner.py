@@ -1,5 +1,5 @@
 """curvlab.optim.preconditioner.KFACPreconditioner: hooks in the user's loop, consistency with
-curvlab.optim.KFAC, MC passes, KL clip, robustness."""
+curvlab.optim.KFACOptimizer, MC passes, KL clip, robustness."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from test_optim_kfac_oracles import flat_params
 from torch import nn
 
-from curvlab.optim.kfac import KFAC
+from curvlab.optim.kfac import KFACOptimizer
 from curvlab.optim.preconditioner import KFACPreconditioner
 
 DT = torch.float64
@@ -41,7 +41,7 @@ def test_empirical_grad_rewrite_matches_kfac_step(conv, inverse):
     precond = KFACPreconditioner(net, loss_fn, damping=0.05, inverse=inverse)
     loss_fn(net(x), y).backward()
     precond.step()
-    opt = KFAC(ref, loss_fn, lr=1.0, momentum=0.0, damping=0.05, fisher="empirical",
+    opt = KFACOptimizer(ref, loss_fn, lr=1.0, momentum=0.0, damping=0.05, fisher="empirical",
                inverse=inverse)
     before = flat_params(ref)
     opt.step(x, y)
@@ -58,7 +58,7 @@ def test_mc_sample_backward_matches_kfac_mc_step():
     precond.sample_backward(out)  # before the user's backward: graph retained
     loss_fn(out, y).backward()
     precond.step()
-    opt = KFAC(ref, loss_fn, lr=1.0, momentum=0.0, damping=0.05, fisher="mc", mc_samples=2,
+    opt = KFACOptimizer(ref, loss_fn, lr=1.0, momentum=0.0, damping=0.05, fisher="mc", mc_samples=2,
                generator=torch.Generator().manual_seed(3))
     before = flat_params(ref)
     opt.step(x, y)
@@ -149,8 +149,8 @@ def test_nonfinite_gradients_leave_grad_and_state_untouched():
         assert torch.equal(p.grad, q) or (torch.isnan(p.grad) == torch.isnan(q)).all()
     new = precond.state_dict()
     assert new["steps"] == state["steps"]
-    for n in state["curvature"]["A"]:
-        assert torch.equal(new["curvature"]["A"][n], state["curvature"]["A"][n])
+    for n, b in state["engine"]["blocks"].items():
+        assert torch.equal(new["engine"]["blocks"][n]["A"], b["A"])
 
 
 def test_training_loop_with_torch_sgd_and_state_round_trip():

@@ -56,8 +56,8 @@ def test_top_level_reexports():
     for name in ["Hessian", "GGN", "Fisher", "EmpiricalFisher", "KFAC", "KFACPreconditioner"]:
         assert name in curvlab.__all__
         assert getattr(curvlab, name).__module__.startswith("curvlab.")
-    assert curvlab.KFAC is curvlab.operators.kfac.KFAC  # the operator; the optimizer is optim.KFAC
-    assert curvlab.optim.KFAC is not curvlab.KFAC
+    assert curvlab.KFAC is curvlab.operators.kfac.KFAC  # the operator
+    assert curvlab.optim.KFACOptimizer is not curvlab.KFAC
 
 
 def test_importing_curvlab_does_not_import_the_experiment_stack():

@@ -1,13 +1,19 @@
 """Kronecker-factored curvature (K-FAC, KFC, EKFAC, block-tridiagonal K-FAC).
 
+The one stateful engine is :class:`KroneckerEngine` (one :class:`KroneckerBlock` per layer);
+the :class:`curvlab.KFAC` operator, the K-FAC optimizer and :class:`curvlab.KFACPreconditioner`
+are built on it.
+
 Convention: a layer's parameters in homogeneous matrix form ``V = [W.reshape(out, -1) | b]``;
 with curvlab's row-major vec its curvature block is approximated by ``G ⊗ A`` (the papers'
 column-major ``A ⊗ G``), at the same scale as ``curvlab.GGN`` on the same data (see
 :mod:`curvlab.kfac.factors`).
 """
 
+from curvlab.kfac.blocks import Eigendecomposition, KroneckerBlock
 from curvlab.kfac.capture import FactorCapture, expand_conv_input
 from curvlab.kfac.ekfac import EKFACFactors, ekfac_factors, ekfac_scalings
+from curvlab.kfac.engine import KroneckerEngine, LayerStatistics, register_layers
 from curvlab.kfac.factors import (
     KroneckerFactors,
     accumulate_factors,
@@ -31,11 +37,15 @@ from curvlab.kfac.tridiagonal import (
 __all__ = [
     "EKFACFactors",
     "EigenInverse",
+    "Eigendecomposition",
     "EighError",
     "FactorCapture",
     "FactoredInverse",
     "KFACLayer",
+    "KroneckerBlock",
+    "KroneckerEngine",
     "KroneckerFactors",
+    "LayerStatistics",
     "LayerTable",
     "TridiagonalFactors",
     "TridiagonalInverse",
@@ -53,6 +63,7 @@ __all__ = [
     "kfac_factors",
     "output_factor",
     "pi_tracenorm",
+    "register_layers",
     "safe_eigh",
     "tridiagonal_factors",
 ]

@@ -18,6 +18,13 @@ are per-example gradients divided by ``N``; :func:`curvlab.kfac.factors.output_f
 the scale. One backward pass appends one tensor per layer, so ``output_grads[name][k]`` of
 different layers belong to the same pass ``k`` (used for cross-layer statistics). Tensor hooks
 fire for outputs computed while the context was active, also if ``backward`` runs after exit.
+
+Shared weights (a layer called ``R > 1`` times in one forward, e.g. tied embeddings or a block
+applied twice) follow **K-FAC-expand** (Eschenhagen et al., NeurIPS 2023): the calls are treated
+like extra locations ``t``. :meth:`FactorCapture.layer_inputs` concatenates the calls' expanded
+inputs along ``T`` and :meth:`FactorCapture.layer_output_grads` returns, per backward pass, the
+gradients of all calls concatenated in the same call order (each gradient is tagged with the
+call that produced its output, so the pairing is exact whatever order backward visits them).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 
 from curvlab.kfac.layers import KFACLayer, LayerTable
 
-__all__ = ["FactorCapture", "expand_conv_input"]
+__all__ = ["FactorCapture", "expand_conv_input", "group_passes"]
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -116,22 +123,27 @@ class FactorCapture:
         self.record_output_grads = output_grads
         self.inputs: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
         self.output_grads: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+        #: For each entry of ``output_grads[name]``: the forward call (index into
+        #: ``inputs[name]``) whose output received it.
+        self.grad_calls: dict[str, list[int]] = {layer.name: [] for layer in self.layers}
         self._handles: list = []
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, layer: KFACLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             x = args[0]
+            call = len(self.inputs[layer.name])
             if self.record_inputs:
                 self.inputs[layer.name].append(self._expand_input(layer, x.detach()))
             if self.record_output_grads and isinstance(output, Tensor) and output.requires_grad:
-                output.register_hook(self._tensor_hook(layer))
+                output.register_hook(self._tensor_hook(layer, call))
 
         return hook
 
-    def _tensor_hook(self, layer: KFACLayer):
+    def _tensor_hook(self, layer: KFACLayer, call: int):
         def hook(grad: Tensor) -> None:
             self.output_grads[layer.name].append(self._expand_grad(layer, grad.detach()))
+            self.grad_calls[layer.name].append(call)
 
         return hook
 
@@ -172,9 +184,59 @@ class FactorCapture:
 
     def clear(self) -> None:
         """Forget all recorded tensors."""
-        for d in (self.inputs, self.output_grads):
+        for d in (self.inputs, self.output_grads, self.grad_calls):
             for v in d.values():
                 v.clear()
+
+    def drop_output_grads(self, start: int = 0) -> None:
+        """Forget the output gradients recorded from entry ``start`` on (all layers)."""
+        for name in self.output_grads:
+            del self.output_grads[name][start:]
+            del self.grad_calls[name][start:]
+
+    # ------------------------------------------------------------------ per-layer views
+    def calls(self, name: str) -> int:
+        """How many times layer ``name`` was called in the recorded forward(s)."""
+        return len(self.inputs[name])
+
+    def layer_inputs(self, name: str) -> Tensor:
+        """Expanded inputs of all calls of ``name`` as one ``(N, T_1 + … + T_R, fan_in)`` tensor.
+
+        Example:
+            >>> from curvlab.kfac.layers import find_layers
+            >>> lin = nn.Linear(2, 2)
+            >>> with FactorCapture(find_layers(nn.Sequential(lin))) as cap:
+            ...     _ = lin(lin(torch.randn(3, 2)))       # shared weights: two calls
+            >>> cap.calls("0"), tuple(cap.layer_inputs("0").shape)
+            (2, (3, 2, 2))
+        """
+        xs = self.inputs[name]
+        if not xs:
+            raise RuntimeError(f"FactorCapture: layer {name!r} recorded no inputs")
+        if len(xs) == 1:
+            return xs[0]
+        if len({x.shape[0] for x in xs}) != 1:
+            raise ValueError(f"layer {name!r} was called {len(xs)} times with different batch "
+                             f"sizes {[x.shape[0] for x in xs]}; K-FAC-expand over the calls "
+                             "needs the same examples in every call")
+        return torch.cat(xs, dim=1)
+
+    def layer_output_grads(self, name: str, start: int = 0) -> list[Tensor]:
+        """Output gradients of ``name`` per backward pass, from entry ``start`` on.
+
+        With ``R`` calls each pass consists of ``R`` recorded gradients (one per call); they are
+        concatenated along ``T`` in call order, matching :meth:`layer_inputs`.
+        """
+        r = max(1, len(self.inputs[name])) if self.record_inputs else 1
+        return group_passes(name, self.output_grads[name][start:],
+                            self.grad_calls[name][start:], r)
+
+    def pop_output_grads(self, start: int) -> dict[str, tuple[list[Tensor], list[int]]]:
+        """Remove and return ``{name: (gradients, calls)}`` recorded from entry ``start`` on."""
+        out = {name: (gs[start:], self.grad_calls[name][start:])
+               for name, gs in self.output_grads.items()}
+        self.drop_output_grads(start)
+        return out
 
     def verify(self) -> None:
         """Raise ``RuntimeError`` naming every layer that received no statistics.
@@ -212,3 +274,24 @@ class FactorCapture:
     def concat(tensors: list[Tensor]) -> Tensor:
         """Concatenate several recorded tensors along the example dimension."""
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+
+
+def group_passes(name: str, gs: list[Tensor], cs: list[int], r: int) -> list[Tensor]:
+    """Group recorded output gradients of a layer with ``r`` calls into backward passes.
+
+    ``gs[i]`` came from call ``cs[i]``; each pass holds one gradient per call, returned
+    concatenated along ``T`` in call order (K-FAC-expand, see the module docstring).
+    """
+    if r == 1:
+        return list(gs)
+    if len(gs) % r:
+        raise RuntimeError(f"layer {name!r}: {len(gs)} output gradients for {r} calls; every "
+                           "call's output must reach the loss in every backward pass")
+    passes = []
+    for k in range(0, len(gs), r):
+        order = sorted(range(k, k + r), key=lambda i: cs[i])
+        if [cs[i] for i in order] != list(range(r)):
+            raise RuntimeError(f"layer {name!r}: backward pass {k // r} did not reach every "
+                               "call's output once")
+        passes.append(torch.cat([gs[i] for i in order], dim=1))
+    return passes

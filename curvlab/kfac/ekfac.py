@@ -72,20 +72,22 @@ def ekfac_scalings(
         tensor([[37.]])
     """
     x = inputs if isinstance(inputs, Tensor) else torch.cat(list(inputs), 0)
-    xh = _homogeneous(layer, x) @ U_A  # (N, T, in)
+    a = _homogeneous(layer, x.to(U_A.dtype)) @ U_A  # (N, T, in)
     s = fisher_scale(fisher, num_examples, reduction, mc_samples)
-    total = torch.zeros(U_G.shape[0], U_A.shape[0], dtype=xh.dtype, device=xh.device)
+    total = None
     for g in output_grads:
-        if g.shape[:2] != xh.shape[:2]:
+        if g.shape[:2] != a.shape[:2]:
             raise ValueError(f"layer {layer.name!r}: output gradients {tuple(g.shape)} do not "
                              f"match inputs {tuple(x.shape)} (same forward needed)")
-        gt = g @ U_G  # (N, T, out)
+        gt = g.to(U_G.dtype) @ U_G  # (N, T, out)
         if g.shape[1] == 1:
-            total = total + (gt[:, 0] ** 2).T @ (xh[:, 0] ** 2)
+            term = s * (gt[:, 0].square().mT @ a[:, 0].square())
         else:
-            d = torch.einsum("nto,nti->noi", gt, xh)
-            total = total + (d**2).sum(0)
-    return total * s
+            term = s * torch.einsum("nto,nti->noi", gt, a).square().sum(0)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError(f"layer {layer.name!r}: no output gradients for the EKFAC scalings")
+    return total
 
 
 @dataclass
@@ -165,15 +167,16 @@ def ekfac_factors(
                                       mc_samples=mc_samples, generator=generator)
     out = {}
     for layer in _layer_list(layers):
+        xs, gs = cap.layer_inputs(layer.name), cap.layer_output_grads(layer.name)
         if bases is not None and layer.name in bases:
             u_a, u_g = bases[layer.name]
         else:
             kf = KroneckerFactors(
-                input_factor(layer, cap.inputs[layer.name]),
-                output_factor(layer, cap.output_grads[layer.name], n, fisher=fisher,
-                              reduction=rule.reduction, mc_samples=mc_samples), n)
+                input_factor(layer, xs),
+                output_factor(layer, gs, n, fisher=fisher, reduction=rule.reduction,
+                              mc_samples=mc_samples), n)
             u_a, u_g = eigenbases(kf, layer.name)
-        s = ekfac_scalings(layer, cap.inputs[layer.name], cap.output_grads[layer.name], u_a, u_g,
-                           n, fisher=fisher, reduction=rule.reduction, mc_samples=mc_samples)
+        s = ekfac_scalings(layer, xs, gs, u_a, u_g, n, fisher=fisher, reduction=rule.reduction,
+                           mc_samples=mc_samples)
         out[layer.name] = EKFACFactors(u_a, u_g, s, n)
     return out

@@ -285,7 +285,9 @@ def capture_statistics(
 
     The forward is a ``functional_call`` with cloned buffers (BatchNorm running statistics are
     not touched) and the backward passes use ``torch.autograd.grad`` (``.grad`` is not touched).
-    Returns ``(capture, N, rule)``; ``capture.verify()`` has passed.
+    Returns ``(capture, N, rule)``; ``capture.verify()`` has passed. A layer called several
+    times (shared weights) is captured per call; use ``capture.layer_inputs`` /
+    ``capture.layer_output_grads`` for its K-FAC-expand statistics.
 
     Example:
         >>> from curvlab.kfac.layers import find_layers
@@ -318,13 +320,6 @@ def capture_statistics(
         torch.autograd.grad(output, weights, grad_outputs=cot[k], retain_graph=k < num - 1,
                             allow_unused=True)
     cap.verify()
-    for layer in layer_list:
-        calls = len(cap.inputs[layer.name])
-        if calls != 1:
-            raise NotImplementedError(
-                f"layer {layer.name!r} was called {calls} times in one forward (weight sharing); "
-                "K-FAC for shared weights is not implemented, exclude it with params=..."
-            )
     return cap, batch_size_of(inputs), rule
 
 
@@ -370,8 +365,8 @@ def kfac_factors(
     out = {}
     for layer in _layer_list(layers):
         out[layer.name] = KroneckerFactors(
-            input_factor(layer, cap.inputs[layer.name]),
-            output_factor(layer, cap.output_grads[layer.name], n, fisher=fisher,
+            input_factor(layer, cap.layer_inputs(layer.name)),
+            output_factor(layer, cap.layer_output_grads(layer.name), n, fisher=fisher,
                           reduction=rule.reduction, mc_samples=mc_samples),
             n,
         )

@@ -13,6 +13,11 @@ matrix ``[W.reshape(out, -1) | b]``, the block is ``G ⊗ A`` (the papers' ``A �
 column-major vec); curvlab's flat order lists the weight block, then the bias (a fixed
 permutation handled internally).
 
+The factors live in the one Kronecker engine (:class:`curvlab.kfac.KroneckerEngine`, attribute
+``engine``) that also serves the K-FAC optimizer and :class:`curvlab.KFACPreconditioner`, so
+every option means the same there. A layer called several times in one forward (shared
+weights) gets K-FAC-expand statistics over its calls (:mod:`curvlab.kfac.capture`).
+
 Structures: ``"block-diagonal"`` (K-FAC / KFC); ``"block-tridiagonal"`` (Martens & Grosse §4.3:
 ``@`` applies the block-tridiagonal Kronecker matrix ``F̃``, with cross-layer blocks
 ``G_{i,i+1} ⊗ A_{i,i+1}``; chains of ``nn.Linear`` only); ``ekfac=True`` replaces the Kronecker
@@ -28,6 +33,7 @@ the damping (the damped inverse of a zero block). A warning names them; ``strict
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -36,15 +42,16 @@ from torch import Tensor, nn
 
 from curvlab.func.losses import LossFn, loss_rule
 from curvlab.func.params import ParamsArg, select_params
-from curvlab.kfac.ekfac import EKFACFactors, eigenbases, ekfac_factors
+from curvlab.kfac.blocks import KroneckerBlock
+from curvlab.kfac.ekfac import EKFACFactors, ekfac_factors
+from curvlab.kfac.engine import KroneckerEngine, register_layers
 from curvlab.kfac.factors import (
     FisherType,
     KroneckerFactors,
     accumulate_factors,
     kfac_factors,
 )
-from curvlab.kfac.inverse import EigenInverse, FactoredInverse
-from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+from curvlab.kfac.layers import KFACLayer, LayerTable
 from curvlab.kfac.tridiagonal import (
     TridiagonalFactors,
     TridiagonalInverse,
@@ -166,7 +173,8 @@ class KFAC(LinearOperator):
             if p.dtype != first.dtype or p.device != first.device:
                 raise TypeError(f"parameter {name!r} is {p.dtype} on {p.device}, the first is "
                                 f"{first.dtype} on {first.device}; one dtype/device needed")
-        self.layers = find_layers(model, list(selected), strict=strict, grouped_conv=True)
+        self.layers = register_layers(model, list(selected), strict=strict, who="KFAC",
+                                      fallback="the operator is zero on them")
         self.rule = loss_rule(loss_fn)
         if self.rule.reduction not in ("mean", "sum"):
             raise ValueError(f"{self.rule.name}: K-FAC needs reduction 'mean' or 'sum'")
@@ -178,6 +186,11 @@ class KFAC(LinearOperator):
                          first.device, param_shapes=[p.shape for p in selected.values()],
                          param_names=names, symmetric=True)
         self._layout = _LayerLayout(names, self.layers)
+        #: The Kronecker engine holding the factors (shared with the optimizer and the
+        #: preconditioner: the same blocks, inverses and options).
+        self.engine = KroneckerEngine(self.layers, fisher=fisher, reduction=self.rule.reduction,
+                                      mc_samples=self.mc_samples, ekfac=ekfac,
+                                      structure=structure)
         gen = _make_generator(generator, first.device)
         kw = {"fisher": fisher, "mc_samples": self.mc_samples, "generator": gen}
         batches = []
@@ -199,8 +212,11 @@ class KFAC(LinearOperator):
         else:
             self.factors = accumulate_factors(
                 [kfac_factors(model, loss_fn, x, y, self.layers, **kw) for x, y in batches], red)
+        self.engine.set_factors(self.factors, self.tridiagonal)
         if ekfac:
-            bases = {n: eigenbases(f, n) for n, f in self.factors.items()}
+            self.engine.refresh()
+            bases = {n: (b.eig.eigenvectors_A, b.eig.eigenvectors_G)
+                     for n, b in self.engine.blocks.items()}
             per = [ekfac_factors(model, loss_fn, x, y, self.layers, bases=bases, **kw)
                    for x, y in batches]
             total = sum(p[next(iter(p))].num_examples for p in per)
@@ -211,6 +227,7 @@ class KFAC(LinearOperator):
                 else:
                     s = sum(p[n].scalings for p in per)
                 self.ekfac_factors[n] = EKFACFactors(u_a, u_g, s, total)
+                self.engine.blocks[n].set_scalings(s)
 
     @property
     def unsupported(self) -> dict[str, list[str]]:
@@ -218,13 +235,9 @@ class KFAC(LinearOperator):
         return self.layers.unsupported
 
     def _layer_products(self, mats: list[Tensor]) -> list[Tensor]:
-        if self.tridiagonal is not None:
-            return self.tridiagonal.mv(mats)
-        if self.ekfac_factors is not None:
-            return [self.ekfac_factors[layer.name].mv(m)
-                    for layer, m in zip(self.layers, mats, strict=True)]
-        return [self.factors[layer.name].G @ m @ self.factors[layer.name].A
-                for layer, m in zip(self.layers, mats, strict=True)]
+        res = self.engine.multiply({la.name: m for la, m in zip(self.layers, mats, strict=True)},
+                                   power=1)
+        return [res[la.name] for la in self.layers]
 
     def _matmat(self, M: Tensor) -> Tensor:
         cols = unflatten(M, self.param_shapes)
@@ -267,8 +280,9 @@ class KFACInverse(LinearOperator):
     * Unsupported parameters: ``(1/λ) I`` (the damped inverse of their zero block).
 
     Attributes:
-        blocks: ``{layer name: EigenInverse | FactoredInverse}`` (block-diagonal), or
-            ``tridiagonal``: the :class:`~curvlab.kfac.tridiagonal.TridiagonalInverse`.
+        blocks: ``{layer name: KroneckerBlock}`` of the engine (block-diagonal), and
+            ``tridiagonal``: the :class:`~curvlab.kfac.tridiagonal.TridiagonalInverse` of the
+            block-tridiagonal structure.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
@@ -299,21 +313,24 @@ class KFACInverse(LinearOperator):
                          param_names=kfac.param_names, symmetric=True)
         self.kfac, self.damping, self.method = kfac, float(damping), method
         self._layout = kfac._layout
-        self.blocks: dict[str, EigenInverse | FactoredInverse | EKFACFactors] = {}
+        engine = kfac.engine
+        if pi != engine.pi:
+            engine = copy.copy(engine)  # same factors, another π
+            engine.pi = pi
+            engine.blocks = {n: copy.copy(b) for n, b in kfac.engine.blocks.items()}
+            for b in engine.blocks.values():
+                b.pi, b._explicit = pi, {}
+            engine._chain_inverses = {}
+        if not engine.ready or engine.stale:
+            engine.refresh()
+        self._engine = engine
+        #: ``{layer name: KroneckerBlock}`` whose damped inverse this operator applies.
+        self.blocks: dict[str, KroneckerBlock] = dict(engine.blocks)
         self.tridiagonal: TridiagonalInverse | None = None
         if kfac.tridiagonal is not None:
-            self.tridiagonal = TridiagonalInverse(kfac.tridiagonal, damping, pi=pi)
-            return
-        for layer in kfac.layers:
-            f = kfac.factors[layer.name]
-            if kfac.ekfac_factors is not None:
-                self.blocks[layer.name] = kfac.ekfac_factors[layer.name].inverse(
-                    damping, name=layer.name)
-            elif method == "eigen":
-                self.blocks[layer.name] = EigenInverse(f.A, f.G, damping, name=layer.name)
-            else:
-                self.blocks[layer.name] = FactoredInverse(f.A, f.G, damping, pi=pi,
-                                                          name=layer.name)
+            self.tridiagonal = engine.chain_inverse(self.damping)
+            if self.tridiagonal is None:
+                raise ValueError("KFAC.inverse: the block-tridiagonal inverse failed (warned)")
 
     @property
     def layers(self) -> Sequence[KFACLayer]:
@@ -322,11 +339,10 @@ class KFACInverse(LinearOperator):
     def _matmat(self, M: Tensor) -> Tensor:
         cols = unflatten(M, self.param_shapes)
         mats = self._layout.to_matrices(cols)
-        if self.tridiagonal is not None:
-            res = self.tridiagonal.apply(mats)
-        else:
-            res = [self.blocks[layer.name].apply(m)
-                   for layer, m in zip(self.layers, mats, strict=True)]
+        res_d = self._engine.multiply(
+            {la.name: m for la, m in zip(self.layers, mats, strict=True)}, -1, self.damping,
+            inverse=self.method if self.tridiagonal is None else None)
+        res = [res_d[la.name] for la in self.layers]
         out = self._layout.from_matrices(res, cols)
         for i in self._layout.free:
             out[i] = cols[i] / self.damping

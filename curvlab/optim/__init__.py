@@ -6,22 +6,40 @@ does the whole step and returns the mini-batch loss before the update (0-dim, de
 ``state_dict()`` / ``load_state_dict()`` resume bit-exactly.
 """
 
+from curvlab.optim.base import CurvatureOptimizer, SkipStep
 from curvlab.optim.baselines import TorchOptimizer
 from curvlab.optim.curveball import CurveBall, ResidualModel
 from curvlab.optim.dense import DenseBFGS, DenseLevenbergMarquardt
 from curvlab.optim.hessian_free import HessianFree
-from curvlab.optim.kfac import KFAC
+from curvlab.optim.kfac import KFACOptimizer
 from curvlab.optim.ngd import NaturalGradient
 from curvlab.optim.preconditioner import KFACPreconditioner
 
 __all__ = [
-    "KFAC",
+    "CurvatureOptimizer",
     "CurveBall",
     "DenseBFGS",
     "DenseLevenbergMarquardt",
     "HessianFree",
+    "KFACOptimizer",
     "KFACPreconditioner",
     "NaturalGradient",
     "ResidualModel",
+    "SkipStep",
     "TorchOptimizer",
 ]
+
+
+_RENAMED = {"KFAC": "KFACOptimizer"}
+
+
+def __getattr__(name: str):
+    """Old names keep working for one release, with a ``DeprecationWarning``."""
+    if name in _RENAMED:
+        import warnings
+
+        new = _RENAMED[name]
+        warnings.warn(f"curvlab.optim.{name} is deprecated, use curvlab.optim.{new} (the name "
+                      f"curvlab.KFAC is the operator)", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module 'curvlab.optim' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 __all__ = [
     "RngState",
     "check_hyper",
+    "check_int",
     "dot64",
     "evaluate_output",
     "is_finite",
@@ -111,6 +112,13 @@ def check_hyper(name: str, value: Any, *, minimum: float | None = None,
     if minimum is not None and (value < minimum or (strict and value == minimum)):
         op = ">" if strict else ">="
         raise ValueError(f"{name} must be {op} {minimum}, got {value}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Validate an integer hyperparameter ``>= minimum``; raise ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 

@@ -195,7 +195,7 @@ class NaturalGradient:
             raise ValueError(
                 f"NaturalGradient: the model has {count} selected parameters, above the cap "
                 f"max_params={max_params} (dense P x P curvature and Cholesky solve); use "
-                "curvlab.optim.KFAC, select fewer params=, or raise max_params"
+                "curvlab.optim.KFACOptimizer, select fewer params=, or raise max_params"
             )
         self.num_params = count
         self.lr = check_hyper("lr", lr, minimum=0.0, strict=True)

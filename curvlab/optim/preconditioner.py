@@ -23,9 +23,11 @@ forward call ``precond.sample_backward(output)``; it back-propagates ``mc_sample
 targets sampled from the model to the layer outputs (``.grad`` is not touched, the graph is
 retained for the user's ``loss.backward()``, before or after which it may be called).
 
-``step()`` uses the same curvature state and preconditioning as :class:`curvlab.optim.KFAC`
-(EMA with warm start, guarded eigendecompositions every ``inv_interval`` steps and on the first
-three, ``inverse='eigen' | 'factored'``, EKFAC). Parameters of unsupported modules keep their
+``step()`` uses the same Kronecker engine (:class:`curvlab.kfac.KroneckerEngine`) as the
+:class:`curvlab.KFAC` operator and :class:`curvlab.optim.KFACOptimizer` (EMA with warm start,
+guarded eigendecompositions every ``inv_interval`` steps and on the first three, ``inverse=
+'eigen' | 'factored'``, EKFAC scalings updated on every covariance step, grouped convolutions
+one block per group, shared weights by K-FAC-expand). Parameters of unsupported modules keep their
 gradient (warning; ``strict=True`` raises). KL clip (spec §7, KAISA): with ``kl_clip`` and the
 optimizer's learning rate ``lr`` (a number or a zero-argument callable),
 ``ν = min(1, sqrt(kl_clip / |Σ lr²⟨p, g⟩|))`` over the preconditioned layers, which are scaled by
@@ -46,14 +48,9 @@ from torch import Tensor, nn
 
 from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, select_params
-from curvlab.kfac import FactorCapture, KFACLayer
-from curvlab.optim._common import check_hyper, dot64, is_finite
-from curvlab.optim._kfac_core import (
-    KFACCurvature,
-    find_kfac_layers,
-    layer_factors,
-    precondition_grads,
-)
+from curvlab.kfac import FactorCapture, KFACLayer, KroneckerEngine, register_layers
+from curvlab.kfac.capture import group_passes
+from curvlab.optim._common import check_hyper, check_int, dot64, is_finite
 
 __all__ = ["KFACPreconditioner"]
 
@@ -67,7 +64,7 @@ class KFACPreconditioner:
         damping: ``λ`` of the preconditioner (Tikhonov on the product for ``'eigen'``).
         fisher: ``'empirical'`` or ``'mc'``.
         ema_decay, cov_interval, inv_interval, inverse, ekfac: As in
-            :class:`curvlab.optim.KFAC`.
+            :class:`curvlab.optim.KFACOptimizer`.
         kl_clip: KL clip ``c`` (needs ``lr``); ``None`` disables it.
         lr: Learning rate of the wrapped optimizer, number or callable (for the KL clip).
         loss_reduction: ``'mean'`` or ``'sum'`` when ``loss_fn`` is not given.
@@ -76,6 +73,7 @@ class KFACPreconditioner:
         strict: Raise for selected parameters of unsupported modules.
 
     Attributes:
+        engine: The :class:`~curvlab.kfac.KroneckerEngine`.
         steps: Number of :meth:`step` calls that preconditioned gradients.
         counters: ``steps``, ``skipped_steps``, ``factor_updates``, ``inverse_updates``,
             ``backward`` (extra sampled passes).
@@ -137,24 +135,26 @@ class KFACPreconditioner:
         ema = check_hyper("ema_decay", ema_decay, minimum=0.0)
         if ema >= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        for name, v in (("cov_interval", cov_interval), ("inv_interval", inv_interval),
-                        ("mc_samples", mc_samples)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        self.cov_interval, self.inv_interval = cov_interval, inv_interval
-        self.mc_samples = mc_samples
-        self.num_forced_inverses = int(num_forced_inverses)
+        self.cov_interval = check_int("cov_interval", cov_interval)
+        self.inv_interval = check_int("inv_interval", inv_interval)
+        self.mc_samples = check_int("mc_samples", mc_samples)
+        self.num_forced_inverses = check_int("num_forced_inverses", num_forced_inverses, 0)
         self.kl_clip = check_hyper("kl_clip", kl_clip, minimum=0.0, strict=True, allow_none=True)
         if self.kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs lr= (the wrapped optimizer's learning rate)")
         self.lr = lr
-        layers, unsupported = find_kfac_layers(model, self.params, strict=strict,
-                                               who="KFACPreconditioner")
-        self.layers: list[KFACLayer] = layers
-        self.unsupported = unsupported
-        self.curv = KFACCurvature(layers, ema_decay=ema, inverse=inverse, ekfac=ekfac)
-        self.capture = FactorCapture(layers)
-        self._mc_grads: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
+        table = register_layers(model, self.params, strict=strict, who="KFACPreconditioner",
+                                fallback="these parameters keep their plain gradient "
+                                "(identity preconditioner)")
+        self.layers: list[KFACLayer] = list(table.layers)
+        self.unsupported = [n for ps in table.unsupported.values() for n in ps]
+        self.engine = KroneckerEngine(
+            self.layers, fisher=fisher, reduction=loss_reduction, mc_samples=self.mc_samples,
+            inverse=inverse, ekfac=ekfac, ema_decay=ema)
+        self.ekfac = bool(ekfac)
+        self.capture = FactorCapture(self.layers)
+        self._mc_grads: dict[str, tuple[list[Tensor], list[int]]] = {
+            la.name: ([], []) for la in self.layers}
         first = next(iter(self.params.values()))
         if generator is None and fisher == "mc":
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -201,14 +201,17 @@ class KFACPreconditioner:
             return  # not a covariance step (nothing captured)
         before = {n: len(g) for n, g in self.capture.output_grads.items()}
         vectors = self.rule.sample_grads(output.detach(), self.mc_samples, self.generator)
-        weights = [layer.weight_param for layer in self.layers]
+        weights = list({id(la.weight_param): la.weight_param for la in self.layers}.values())
         for vec in vectors:
             torch.autograd.grad(output, weights, vec.to(output.dtype), retain_graph=True,
                                 allow_unused=True)
             self.counters["backward"] += 1
         for name, gs in self.capture.output_grads.items():
-            self._mc_grads[name].extend(gs[before[name]:])
+            calls = self.capture.grad_calls[name]
+            self._mc_grads[name][0].extend(gs[before[name]:])
+            self._mc_grads[name][1].extend(calls[before[name]:])
             del gs[before[name]:]
+            del calls[before[name]:]
 
     # ---- step -------------------------------------------------------------------------------
     def _current_lr(self) -> float:
@@ -230,80 +233,76 @@ class KFACPreconditioner:
             self._clear()
             return
         k = self.steps + 1
-        if self._cov_step():
-            self._update_factors()
+        stats = self._statistics() if self._cov_step() else None
         self._clear()
+        if stats is not None:
+            self.engine.update(stats)
+            self.counters["factor_updates"] += 1
         due = (k - 1) % self.inv_interval == 0 or k <= self.num_forced_inverses
-        if due and (self.curv.dirty or not self.curv.eig):
-            self.curv.refresh(self.damping)
+        if due and (self.engine.stale or not self.engine.ready):
+            self.engine.refresh()
             self.counters["inverse_updates"] += 1
-        filled = [g if g is not None else torch.zeros_like(p)
-                  for g, p in zip(grads, self.params.values())]
-        new, done = precondition_grads(self.curv, names, filled, self.damping)
-        done = {i for i in done if grads[i] is not None}
+        if self.ekfac and stats is not None:
+            self.engine.update_scalings(stats)
+        filled = {n: g if g is not None else torch.zeros_like(p)
+                  for n, g, p in zip(names, grads, self.params.values(), strict=True)}
+        new = self.engine.precondition(filled, self.damping)
+        done = [i for i, n in enumerate(names) if n in new and grads[i] is not None]
         if self.kl_clip is not None and done:
             lr = self._current_lr()
-            vg = abs(float(dot64([new[i] for i in done], [filled[i] for i in done]))) * lr**2
+            vg = abs(float(dot64([new[names[i]] for i in done],
+                                 [filled[names[i]] for i in done]))) * lr**2
             nu = min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
-            for i in done:
-                new[i] = new[i] * nu
+            new = {n: t * nu for n, t in new.items()}
         with torch.no_grad():
             for i in done:
-                grads[i].copy_(new[i])
+                grads[i].copy_(new[names[i]])
         self.steps += 1
         self.counters["steps"] += 1
 
     def _clear(self) -> None:
         self.capture.clear()
-        for v in self._mc_grads.values():
-            v.clear()
+        for gs, cs in self._mc_grads.values():
+            gs.clear()
+            cs.clear()
 
-    def _update_factors(self) -> None:
-        new_A, new_G = {}, {}
-        for layer in self.layers:
-            xs = self.capture.inputs[layer.name]
-            gs = self._mc_grads[layer.name] if self.fisher == "mc" \
-                else self.capture.output_grads[layer.name]
-            if not xs:
-                continue
-            if not gs:
-                if self.fisher == "mc":
-                    raise RuntimeError(
-                        "KFACPreconditioner(fisher='mc'): no sampled passes on a covariance "
-                        "step; call precond.sample_backward(output) after the forward"
-                    )
-                continue
-            n = sum(x.shape[0] for x in xs)
-            w = layer.weight_param
-            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-            with torch.autocast(device_type=w.device.type, enabled=False):
-                A, G = layer_factors(layer, xs, gs, num_examples=n, fisher=self.fisher,
-                                     reduction=self.loss_reduction,
-                                     mc_samples=self.mc_samples, dtype=dtype)
-            new_A[layer.name], new_G[layer.name] = A, G
-        if not new_A:
-            return
-        if not is_finite(*new_A.values(), *new_G.values()):
+    def _statistics(self):
+        mc = None
+        if self.fisher == "mc":
+            mc = {la.name: group_passes(la.name, *self._mc_grads[la.name],
+                                        max(1, self.capture.calls(la.name)))
+                  for la in self.layers if self.capture.inputs[la.name]}
+            if any(self.capture.inputs[la.name] for la in self.layers) \
+                    and not any(mc.values()):
+                raise RuntimeError(
+                    "KFACPreconditioner(fisher='mc'): no sampled passes on a covariance "
+                    "step; call precond.sample_backward(output) after the forward")
+        num = next((self.capture.layer_inputs(la.name).shape[0] for la in self.layers
+                    if self.capture.inputs[la.name]), 0)
+        stats = self.engine.statistics(self.capture, num, grads=mc)
+        if not stats.A:
+            return None
+        if not stats.is_finite():
             warnings.warn("KFACPreconditioner: non-finite curvature statistics; factors not "
                           "updated this step", RuntimeWarning, stacklevel=3)
-            return
-        self.curv.update(new_A, new_G)
-        self.counters["factor_updates"] += 1
+            return None
+        return stats
 
     # ---- state ------------------------------------------------------------------------------
     def memory_usage(self) -> dict[str, int]:
         """Bytes of the factors, of the inverses, and their total."""
-        return self.curv.memory_bytes()
+        return self.engine.memory_bytes()
 
     def state_dict(self) -> dict[str, Any]:
-        """Factors, eigendecompositions, step count, counters, generator state."""
-        return {"curvature": self.curv.state_dict(), "steps": self.steps,
+        """Engine state (factors, eigendecompositions, scalings), step count, counters,
+        generator state."""
+        return {"engine": self.engine.state_dict(), "steps": self.steps,
                 "counters": dict(self.counters),
                 "generator": None if self.generator is None else self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`."""
-        self.curv.load_state_dict(state["curvature"])
+        self.engine.load_state_dict(state["engine"])
         self.steps = int(state["steps"])
         self.counters = dict(state["counters"])
         if state["generator"] is not None and self.generator is not None:
