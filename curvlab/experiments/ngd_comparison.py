@@ -3,18 +3,5 @@
 Re-exports its public names; patch attributes on that module, not on this one.
 """
 
-from curvlab.experiments.studies.ngd_comparison import (
-    METHOD_GRIDS,
-    NAME,
-    OPTIMIZERS,
-    compare_ngd_kfac_sgd,
-    small_convnet,
-)
-
-__all__ = [
-    "METHOD_GRIDS",
-    "NAME",
-    "OPTIMIZERS",
-    "compare_ngd_kfac_sgd",
-    "small_convnet",
-]
+from curvlab.experiments.studies.ngd_comparison import *  # noqa: F403
+from curvlab.experiments.studies.ngd_comparison import __all__  # noqa: F401

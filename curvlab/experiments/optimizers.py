@@ -3,16 +3,5 @@
 Re-exports its public names; patch attributes on that module, not on this one.
 """
 
-from curvlab.experiments.harness.optimizers import (
-    OPTIMIZER_NAMES,
-    Method,
-    build_optimizer,
-    unavailable_reason,
-)
-
-__all__ = [
-    "OPTIMIZER_NAMES",
-    "Method",
-    "build_optimizer",
-    "unavailable_reason",
-]
+from curvlab.experiments.harness.optimizers import *  # noqa: F403
+from curvlab.experiments.harness.optimizers import __all__  # noqa: F401

@@ -3,14 +3,5 @@
 Re-exports its public names; patch attributes on that module, not on this one.
 """
 
-from curvlab.experiments.harness.plotting import (
-    heatmap_panels,
-    line_panels,
-    save,
-)
-
-__all__ = [
-    "heatmap_panels",
-    "line_panels",
-    "save",
-]
+from curvlab.experiments.harness.plotting import *  # noqa: F403
+from curvlab.experiments.harness.plotting import __all__  # noqa: F401

@@ -3,18 +3,5 @@
 Re-exports its public names; patch attributes on that module, not on this one.
 """
 
-from curvlab.experiments.harness.provenance import (
-    PROVENANCE_COLUMNS,
-    git_commit,
-    provenance,
-    resolve_device,
-    utc_timestamp,
-)
-
-__all__ = [
-    "PROVENANCE_COLUMNS",
-    "git_commit",
-    "provenance",
-    "resolve_device",
-    "utc_timestamp",
-]
+from curvlab.experiments.harness.provenance import *  # noqa: F403
+from curvlab.experiments.harness.provenance import __all__  # noqa: F401

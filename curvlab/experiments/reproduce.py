@@ -3,18 +3,5 @@
 Re-exports its public names; patch attributes on that module, not on this one.
 """
 
-from curvlab.experiments.harness.reproduce import (
-    ExperimentReport,
-    markdown_table,
-    reproduce,
-    resolve_names,
-    summary_markdown,
-)
-
-__all__ = [
-    "ExperimentReport",
-    "markdown_table",
-    "reproduce",
-    "resolve_names",
-    "summary_markdown",
-]
+from curvlab.experiments.harness.reproduce import *  # noqa: F403
+from curvlab.experiments.harness.reproduce import __all__  # noqa: F401

@@ -3,20 +3,5 @@
 Re-exports its public names; patch attributes on that module, not on this one.
 """
 
-from curvlab.experiments.harness.runner import (
-    RESERVED_COLUMNS,
-    Run,
-    RunResult,
-    flatten_config,
-    read_results,
-    run_all,
-)
-
-__all__ = [
-    "RESERVED_COLUMNS",
-    "Run",
-    "RunResult",
-    "flatten_config",
-    "read_results",
-    "run_all",
-]
+from curvlab.experiments.harness.runner import *  # noqa: F403
+from curvlab.experiments.harness.runner import __all__  # noqa: F401
