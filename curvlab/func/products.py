@@ -174,12 +174,16 @@ def fisher_vector_product(
     *,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
 ):
     r"""Monte-Carlo Fisher product :math:`J^\top \big(\tfrac1S\sum_s s_s s_s^\top\big) J v`.
 
     ``s_s`` are loss gradients at targets sampled from the model's predictive distribution
     (see :meth:`curvlab.func.losses.LossRule.sample_grads`); the estimator is unbiased for the
-    GGN of the same loss, and its scale follows the loss's reduction.
+    GGN of the same loss, and its scale follows the loss's reduction. ``targets`` (optional) are
+    the data's targets: cross-entropy uses them for its class weights and ``ignore_index``
+    (ignored positions get no sample; the 'mean' divides by the non-ignored count); without
+    them every position counts.
 
     Example:
         >>> net = torch.nn.Linear(3, 4)
@@ -192,8 +196,9 @@ def fisher_vector_product(
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     return _output_product(
-        model, loss_fn, params, inputs, None, v,
-        lambda rule, lin, u: rule.mc_fisher_vp(lin.output.detach(), u, mc_samples, generator),
+        model, loss_fn, params, inputs, targets, v,
+        lambda rule, lin, u: rule.mc_fisher_vp(lin.output.detach(), u, mc_samples, generator,
+                                               target=targets),
     )
 
 
