@@ -98,3 +98,10 @@ def test_provenance_finds_the_repository():
     assert (root / "curvlab" / "experiments" / "harness" / "provenance.py").exists()
     if (root / ".git").exists():
         assert provenance.git_commit() != "unknown"
+
+
+def test_package_function_provenance_survives_loading_the_old_submodule():
+    importlib.import_module("curvlab.experiments.provenance")
+    from curvlab.experiments import provenance as fn
+
+    assert callable(fn) and fn is provenance.provenance

@@ -24,7 +24,6 @@ import importlib
 import traceback
 from dataclasses import dataclass
 
-from curvlab.experiments.harness.provenance import git_commit, provenance, resolve_device
 from curvlab.experiments.harness.registry import (
     Claim,
     Context,
@@ -43,6 +42,10 @@ from curvlab.experiments.harness.runner import (
     read_results,
     run_all,
 )
+
+# through the old path on purpose: loading the submodule curvlab.experiments.provenance later
+# would otherwise rebind the package attribute `provenance` (this function) to that module
+from curvlab.experiments.provenance import git_commit, provenance, resolve_device
 
 __all__ = [
     "EXPERIMENT_MODULES",
