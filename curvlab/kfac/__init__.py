@@ -27,6 +27,13 @@ from curvlab.kfac.factors import (
 )
 from curvlab.kfac.inverse import EigenInverse, EighError, FactoredInverse, pi_tracenorm, safe_eigh
 from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+from curvlab.kfac.refresh import (
+    AdaptiveRefresh,
+    FixedRefresh,
+    FrequencyRefresh,
+    RefreshPolicy,
+    TraceRefresh,
+)
 from curvlab.kfac.tridiagonal import (
     TridiagonalFactors,
     TridiagonalInverse,
@@ -35,18 +42,23 @@ from curvlab.kfac.tridiagonal import (
 )
 
 __all__ = [
+    "AdaptiveRefresh",
     "EKFACFactors",
     "EigenInverse",
     "Eigendecomposition",
     "EighError",
     "FactorCapture",
     "FactoredInverse",
+    "FixedRefresh",
+    "FrequencyRefresh",
     "KFACLayer",
     "KroneckerBlock",
     "KroneckerEngine",
     "KroneckerFactors",
     "LayerStatistics",
     "LayerTable",
+    "RefreshPolicy",
+    "TraceRefresh",
     "TridiagonalFactors",
     "TridiagonalInverse",
     "accumulate_factors",

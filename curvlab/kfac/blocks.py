@@ -124,23 +124,26 @@ class KroneckerBlock:
     # ---- factors -------------------------------------------------------------------------
     @property
     def has_factors(self) -> bool:
-        return self.A is not None
+        return self.A is not None and self.G is not None
 
     def ema_weight(self) -> float:
         """``ε_k = min(1 − 1/k, ema_decay)`` for the next :meth:`update`."""
         k = self.updates + 1
         return min(1.0 - 1.0 / k, self.ema_decay)
 
-    def update(self, A: Tensor, G: Tensor) -> None:
-        """Average new statistics into the factors: ``X ← ε X + (1 − ε) X_new``, symmetrized."""
+    def update(self, A: Tensor | None, G: Tensor | None) -> None:
+        """Average new statistics into the factors: ``X ← ε X + (1 − ε) X_new``, symmetrized.
+
+        Either factor may be ``None`` (not recomputed this step, e.g. by a refresh policy); a
+        factor seen for the first time is taken as it is.
+        """
         eps = self.ema_weight()
-        if self.A is not None and eps > 0.0:
-            self.A = eps * self.A + (1.0 - eps) * A
-            self.G = eps * self.G + (1.0 - eps) * G
-        else:
-            self.A, self.G = A.clone(), G.clone()
-        self.A = 0.5 * (self.A + self.A.mT)
-        self.G = 0.5 * (self.G + self.G.mT)
+        for attr, new in (("A", A), ("G", G)):
+            if new is None:
+                continue
+            old = getattr(self, attr)
+            x = eps * old + (1.0 - eps) * new if old is not None and eps > 0.0 else new.clone()
+            setattr(self, attr, 0.5 * (x + x.mT))
         self.updates += 1
         self.stale = True
 

@@ -43,6 +43,7 @@ from curvlab.kfac.factors import (
 )
 from curvlab.kfac.inverse import EighError
 from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.kfac.tridiagonal import TridiagonalFactors, TridiagonalInverse
 
 __all__ = ["FISHER_TYPES", "KroneckerEngine", "LayerStatistics", "register_layers"]
@@ -131,6 +132,9 @@ class KroneckerEngine:
             layers called once each; Martens & Grosse §4.3; its inverse always uses the
             π-split factored damping of the diagonal blocks).
         pi: π of the factored damping (``'tracenorm'`` or a positive number).
+        refresh: A :class:`~curvlab.kfac.refresh.RefreshPolicy` deciding per layer and step
+            which statistics are recomputed and which inverses refreshed (default
+            :class:`~curvlab.kfac.refresh.FixedRefresh` with K-FAC's intervals 1 and 20).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -159,6 +163,7 @@ class KroneckerEngine:
         ema_decay: float = 0.95,
         structure: Structure = "block-diagonal",
         pi: str | float = "tracenorm",
+        refresh: RefreshPolicy | None = None,
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -185,6 +190,15 @@ class KroneckerEngine:
             la.name: KroneckerBlock(la, inverse=inverse, ekfac=ekfac, ema_decay=ema_decay, pi=pi)
             for la in self.layers}
         self.pi = pi
+        if refresh is not None and not isinstance(refresh, RefreshPolicy):
+            raise TypeError(f"refresh must be a curvlab.kfac RefreshPolicy, got "
+                            f"{type(refresh).__name__}")
+        self.policy: RefreshPolicy = refresh if refresh is not None else FixedRefresh()
+        self.policy.bind(list(self.blocks))
+        self._updated: set[str] = set()
+        #: Per-layer counts of factor updates and inverse refreshes.
+        self.layer_counters: dict[str, dict[str, int]] = {
+            n: {"factor_updates": 0, "inverse_updates": 0} for n in self.blocks}
         # block-tridiagonal chain state
         self.cross: dict[int, tuple[Tensor, Tensor]] = {}
         self.cross_updates = 0
@@ -195,6 +209,7 @@ class KroneckerEngine:
     def statistics(
         self, capture: FactorCapture, num_examples: int, *, passes: int | None = None,
         grads: Mapping[str, list[Tensor]] | None = None,
+        due: Mapping[str, tuple[bool, bool]] | None = None,
     ) -> LayerStatistics:
         """New factors of every layer that received statistics in ``capture``.
 
@@ -205,29 +220,35 @@ class KroneckerEngine:
                 all of them (``fisher='empirical'``: the first), an int ``k`` the last ``k``.
             grads: Per-layer output gradients (one tensor per pass) to use instead of the
                 capture's (e.g. the preconditioner's separately recorded sampled passes).
+            due: ``{name: (A due, G due)}`` from :meth:`due_statistics`; factors not due are
+                not computed (default: all).
         """
         stats = LayerStatistics(num_examples=num_examples)
         for layer in self.layers:
             name = layer.name
-            if not capture.inputs[name]:
+            need_a, need_g = (True, True) if due is None else due.get(name, (False, False))
+            if not capture.inputs[name] or not (need_a or need_g):
                 continue
-            gs = grads[name] if grads is not None else capture.layer_output_grads(name)
+            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
             if self.fisher == "empirical" and grads is None:
                 gs = gs[:1]
             elif passes is not None:
                 gs = gs[-passes:] if passes else []
-            if not gs:
+            if not gs and need_g:
                 continue
             dtype = _factor_dtype(layer)
             x = capture.layer_inputs(name)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 xs, gs = x.to(dtype), [g.to(dtype) for g in gs]
-                stats.A[name] = input_factor(layer, [xs])
-                stats.G[name] = output_factor(layer, gs, num_examples, fisher=self.fisher,
-                                              reduction=self.reduction,
-                                              mc_samples=self.mc_samples)
-            stats.used[name] = (x, gs)
-        if self.structure == "block-tridiagonal" and len(stats.A) == len(self.layers):
+                if need_a:
+                    stats.A[name] = input_factor(layer, [xs])
+                if need_g:
+                    stats.G[name] = output_factor(layer, gs, num_examples, fisher=self.fisher,
+                                                  reduction=self.reduction,
+                                                  mc_samples=self.mc_samples)
+            if need_a and need_g:
+                stats.used[name] = (x, gs)
+        if self.structure == "block-tridiagonal" and len(stats.used) == len(self.layers):
             stats.cross = self._cross_statistics(capture, stats)
         return stats
 
@@ -251,8 +272,13 @@ class KroneckerEngine:
             out[i] = (ca, cg)
         return out
 
-    def update(self, stats: LayerStatistics) -> None:
-        """Average ``stats`` into the blocks (and the chain's cross factors)."""
+    def due_statistics(self, step: int) -> dict[str, tuple[bool, bool]]:
+        """``{layer: (A due, G due)}`` at ``step`` (counted from 0) by the refresh policy."""
+        return {name: self.policy.stats_due(step, name) for name in self.blocks}
+
+    def update(self, stats: LayerStatistics, step: int | None = None) -> None:
+        """Average ``stats`` into the blocks (and the chain's cross factors); with ``step`` the
+        refresh policy observes each updated factor."""
         if stats.cross:
             k = self.cross_updates + 1
             eps = min(1.0 - 1.0 / k, self.ema_decay)
@@ -263,8 +289,45 @@ class KroneckerEngine:
                 else:
                     self.cross[i] = (ca.clone(), cg.clone())
             self.cross_updates += 1
-        for name, a in stats.A.items():
-            self.blocks[name].update(a, stats.G[name])
+        self._updated = set(stats.A) | set(stats.G)
+        for name in self._updated:
+            block = self.blocks[name]
+            new_a, new_g = stats.A.get(name), stats.G.get(name)
+            old_a, old_g = block.A, block.G
+            block.update(new_a, new_g)
+            self.layer_counters[name]["factor_updates"] += 1
+            if step is not None:
+                for what, old, new in (("A", old_a, new_a), ("G", old_g, new_g)):
+                    if new is not None:
+                        self.policy.observe_update(step, name, what, old, new)
+
+    def refresh_due(self, step: int) -> int:
+        """Refresh the inverses the policy calls for at ``step`` (only blocks whose factors
+        changed since their last refresh, or that have none yet); return how many."""
+        if self.structure == "block-tridiagonal":
+            due = [n for n, b in self.blocks.items() if self.policy.inverse_due(
+                step, n, b.A, b.G, n in self._updated)]
+            if not due or not self.stale:
+                return 0
+            done = self.refresh()
+            names = list(self.blocks) if done else []
+        else:
+            names = []
+            for name, block in self.blocks.items():
+                if not block.has_factors or not (block.stale or block.eig is None):
+                    continue
+                if not self.policy.inverse_due(step, name, block.A, block.G,
+                                               name in self._updated):
+                    continue
+                if block.refresh():
+                    names.append(name)
+            done = len(names)
+        for name in names:
+            b = self.blocks[name]
+            self.layer_counters[name]["inverse_updates"] += 1
+            self.policy.observe_refresh(step, name, b.A, b.G)
+        self._updated = set()
+        return done
 
     def set_factors(self, factors: Mapping[str, KroneckerFactors],
                     cross: TridiagonalFactors | None = None) -> None:
@@ -437,6 +500,8 @@ class KroneckerEngine:
             "cross": {i: tuple(t.clone() for t in c) for i, c in self.cross.items()},
             "cross_updates": self.cross_updates,
             "chain": None if self.chain is None else copy.deepcopy(self.chain),
+            "policy": self.policy.state_dict(),
+            "layer_counters": {n: dict(c) for n, c in self.layer_counters.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -452,3 +517,6 @@ class KroneckerEngine:
         self.cross_updates = int(state["cross_updates"])
         self.chain = None if state["chain"] is None else copy.deepcopy(state["chain"])
         self._chain_inverses.clear()
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])
+            self.layer_counters = {n: dict(c) for n, c in state["layer_counters"].items()}

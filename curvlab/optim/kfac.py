@@ -79,6 +79,7 @@ from curvlab.func.linearize import linearize
 from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, batch_size_of, cloned_buffers
 from curvlab.kfac import FactorCapture, KFACLayer, KroneckerEngine, register_layers
+from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.optim._common import check_hyper, check_int, dot64, is_finite, replay_rng, rng_state
 from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
@@ -121,6 +122,11 @@ class KFACOptimizer(CurvatureOptimizer):
         initial_gamma: Initial γ (adaptive; default ``sqrt(damping + weight_decay)``).
         lambda_interval, gamma_interval: ``T1`` and ``T2`` (adaptive; 5 and 20).
         num_forced_inverses: Steps at the start on which inverses are always refreshed (3).
+        refresh: A refresh policy (:mod:`curvlab.kfac.refresh`: ``FixedRefresh``,
+            ``AdaptiveRefresh`` for SP-NGD's stale statistics, ``TraceRefresh`` /
+            ``FrequencyRefresh`` for THOR); default ``FixedRefresh(cov_interval, inv_interval,
+            num_forced_inverses)``. Layers whose statistics are not due get no factor products,
+            and no sampled backward runs when no layer needs a new ``G``.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine` (factors, inverses, EKFAC).
@@ -167,6 +173,7 @@ class KFACOptimizer(CurvatureOptimizer):
         lambda_interval: int = 5,
         gamma_interval: int = 20,
         num_forced_inverses: int = 3,
+        refresh: RefreshPolicy | None = None,
     ) -> None:
         defaults = {
             "lr": check_hyper("lr", lr, minimum=0.0, strict=True),
@@ -182,8 +189,8 @@ class KFACOptimizer(CurvatureOptimizer):
         self.ema_decay = check_hyper("ema_decay", ema_decay, minimum=0.0)
         if self.ema_decay >= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.cov_interval = check_int("cov_interval", cov_interval)
-        self.inv_interval = check_int("inv_interval", inv_interval)
+        cov_interval = check_int("cov_interval", cov_interval)
+        inv_interval = check_int("inv_interval", inv_interval)
         self.kl_clip = check_hyper("kl_clip", kl_clip, minimum=0.0, strict=True, allow_none=True)
         self.adaptive = bool(adaptive)
         self.mc_samples = check_int("mc_samples", mc_samples)
@@ -198,7 +205,10 @@ class KFACOptimizer(CurvatureOptimizer):
         reduction = self.rule.reduction if self.rule.reduction in ("mean", "sum") else "mean"
         self.engine = KroneckerEngine(
             self.layers, fisher=fisher, reduction=reduction, mc_samples=self.mc_samples,
-            inverse=inverse, ekfac=ekfac, ema_decay=self.ema_decay, structure=structure)
+            inverse=inverse, ekfac=ekfac, ema_decay=self.ema_decay, structure=structure,
+            refresh=refresh if refresh is not None else FixedRefresh(
+                cov_interval, inv_interval, self.num_forced_inverses))
+        self.refresh_policy = self.engine.policy
         self.inverse, self.ekfac, self.structure = inverse, bool(ekfac), structure
         self.capture = FactorCapture(self.layers)
         self.device = next(iter(self.params.values())).device
@@ -231,6 +241,29 @@ class KFACOptimizer(CurvatureOptimizer):
             self.state[p]["momentum_buffer"] = b
 
     @property
+    def cov_interval(self) -> int | None:
+        """``cov_interval`` of a :class:`FixedRefresh` policy (``None`` for other policies)."""
+        return getattr(self.refresh_policy, "cov_interval", None)
+
+    @cov_interval.setter
+    def cov_interval(self, value: int) -> None:
+        self.refresh_policy.cov_interval = check_int("cov_interval", value)
+
+    @property
+    def inv_interval(self) -> int | None:
+        """``inv_interval`` of a :class:`FixedRefresh` policy (``None`` for other policies)."""
+        return getattr(self.refresh_policy, "inv_interval", None)
+
+    @inv_interval.setter
+    def inv_interval(self, value: int) -> None:
+        self.refresh_policy.inv_interval = check_int("inv_interval", value)
+
+    @property
+    def refresh_log(self) -> list[dict[str, Any]]:
+        """Tidy rows of what was refreshed when (see :mod:`curvlab.kfac.refresh`)."""
+        return self.refresh_policy.refresh_log
+
+    @property
     def damping(self) -> float:
         """Current damping ``λ`` (``param_groups[...]['damping']``)."""
         return float(self.hyper("damping"))
@@ -243,10 +276,11 @@ class KFACOptimizer(CurvatureOptimizer):
         return self.gamma**2 if self.adaptive else self.damping
 
     # ---- forward / backward --------------------------------------------------------------
-    def _forward_backward(self, inputs: Any, targets: Tensor, cov: bool):
+    def _forward_backward(self, inputs: Any, targets: Tensor, cov: bool, sample: bool = True):
         """Training forward (capturing layer inputs and, through tensor hooks, output
-        derivatives on covariance steps), loss, gradients and the extra Fisher backward passes.
-        Returns ``(loss, output, grads, passes)``; raises :class:`SkipStep` when non-finite."""
+        derivatives on covariance steps), loss, gradients and the extra Fisher backward passes
+        (when ``sample``). Returns ``(loss, output, grads, passes)``; raises
+        :class:`SkipStep` when non-finite."""
         params = list(self.params.values())
         self.capture.clear()
         torch.clear_autocast_cache()  # parameters changed in place since the last forward
@@ -264,7 +298,7 @@ class KFACOptimizer(CurvatureOptimizer):
         if not bool(torch.isfinite(loss.detach())):
             self.capture.clear()
             raise SkipStep("loss", loss.detach())
-        extra = cov and self.fisher != "empirical"
+        extra = cov and sample and self.fisher != "empirical"
         res = torch.autograd.grad(loss, params, retain_graph=extra, allow_unused=True)
         self.counters["backward"] += 1
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(res, params)]
@@ -286,10 +320,12 @@ class KFACOptimizer(CurvatureOptimizer):
             passes = len(vectors)
         return loss.detach(), out.detach(), grads, passes
 
-    def _statistics(self, num_examples: int, passes: int):
+    def _statistics(self, num_examples: int, passes: int, due):
         stats = self.engine.statistics(
-            self.capture, num_examples, passes=None if self.fisher == "empirical" else passes)
-        missing = [la.name for la in self.layers if la.name not in stats.A]
+            self.capture, num_examples, passes=None if self.fisher == "empirical" else passes,
+            due=due)
+        missing = [la.name for la in self.layers if any(due[la.name])
+                   and la.name not in stats.A and la.name not in stats.G]
         if missing:
             warnings.warn(f"{type(self).__name__}: layers {missing} received no statistics "
                           "(module not called through its forward, or output not reaching the "
@@ -312,13 +348,14 @@ class KFACOptimizer(CurvatureOptimizer):
     # ---- step ----------------------------------------------------------------------------
     def _step(self, inputs: Any, targets: Tensor) -> Tensor:
         k = self.steps + 1
-        cov = (k - 1) % self.cov_interval == 0
-        inv_due = (k - 1) % self.inv_interval == 0 or k <= self.num_forced_inverses
+        due = self.engine.due_statistics(k - 1)
+        cov = any(a or g for a, g in due.values())
+        need_g = any(g for _, g in due.values())
         params = list(self.params.values())
         rng = rng_state([*params, *[t for t in (inputs, targets) if isinstance(t, Tensor)]]) \
             if self.adaptive else None
-        loss, _, grads, passes = self._forward_backward(inputs, targets, cov)
-        stats = self._statistics(batch_size_of(inputs), passes) if cov else None
+        loss, _, grads, passes = self._forward_backward(inputs, targets, cov, need_g)
+        stats = self._statistics(batch_size_of(inputs), passes, due) if cov else None
         self.capture.clear()
         weights = [p.detach() for p in params]
         if any(self.group_values("weight_decay")):
@@ -327,10 +364,9 @@ class KFACOptimizer(CurvatureOptimizer):
 
         # -- all checks passed: from here on state changes --------------------------------
         if stats is not None:
-            self.engine.update(stats)
+            self.engine.update(stats, k - 1)
             self.counters["factor_updates"] += 1
-        if inv_due and (self.engine.stale or not self.engine.ready):
-            self.engine.refresh()
+        if self.engine.refresh_due(k - 1):
             self.counters["inverse_updates"] += 1
         if self.ekfac and stats is not None:
             self.engine.update_scalings(stats)

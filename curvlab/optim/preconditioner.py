@@ -50,6 +50,7 @@ from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, select_params
 from curvlab.kfac import FactorCapture, KFACLayer, KroneckerEngine, register_layers
 from curvlab.kfac.capture import group_passes
+from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.optim._common import check_hyper, check_int, dot64, is_finite
 
 __all__ = ["KFACPreconditioner"]
@@ -71,6 +72,9 @@ class KFACPreconditioner:
         mc_samples, generator: Monte-Carlo sampling for ``fisher='mc'``.
         params: Parameter selection (default all trainable).
         strict: Raise for selected parameters of unsupported modules.
+        refresh: A refresh policy (:mod:`curvlab.kfac.refresh`), as for
+            :class:`curvlab.optim.KFACOptimizer`; default ``FixedRefresh(cov_interval,
+            inv_interval, num_forced_inverses)``.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine`.
@@ -117,6 +121,7 @@ class KFACPreconditioner:
         params: ParamsArg = None,
         strict: bool = False,
         num_forced_inverses: int = 3,
+        refresh: RefreshPolicy | None = None,
     ) -> None:
         self.model = model
         self.params = select_params(model, params)
@@ -150,7 +155,9 @@ class KFACPreconditioner:
         self.unsupported = [n for ps in table.unsupported.values() for n in ps]
         self.engine = KroneckerEngine(
             self.layers, fisher=fisher, reduction=loss_reduction, mc_samples=self.mc_samples,
-            inverse=inverse, ekfac=ekfac, ema_decay=ema)
+            inverse=inverse, ekfac=ekfac, ema_decay=ema,
+            refresh=refresh if refresh is not None else FixedRefresh(
+                self.cov_interval, self.inv_interval, self.num_forced_inverses))
         self.ekfac = bool(ekfac)
         self.capture = FactorCapture(self.layers)
         self._mc_grads: dict[str, tuple[list[Tensor], list[int]]] = {
@@ -169,7 +176,7 @@ class KFACPreconditioner:
 
     # ---- hooks -----------------------------------------------------------------------------
     def _cov_step(self) -> bool:
-        return self.steps % self.cov_interval == 0
+        return any(a or g for a, g in self.engine.due_statistics(self.steps).values())
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled() and self._cov_step() and not self._open:
@@ -232,15 +239,13 @@ class KFACPreconditioner:
                           f"{self.counters['skipped_steps']})", RuntimeWarning, stacklevel=2)
             self._clear()
             return
-        k = self.steps + 1
+        step = self.steps
         stats = self._statistics() if self._cov_step() else None
         self._clear()
         if stats is not None:
-            self.engine.update(stats)
+            self.engine.update(stats, step)
             self.counters["factor_updates"] += 1
-        due = (k - 1) % self.inv_interval == 0 or k <= self.num_forced_inverses
-        if due and (self.engine.stale or not self.engine.ready):
-            self.engine.refresh()
+        if self.engine.refresh_due(step):
             self.counters["inverse_updates"] += 1
         if self.ekfac and stats is not None:
             self.engine.update_scalings(stats)
@@ -279,7 +284,8 @@ class KFACPreconditioner:
                     "step; call precond.sample_backward(output) after the forward")
         num = next((self.capture.layer_inputs(la.name).shape[0] for la in self.layers
                     if self.capture.inputs[la.name]), 0)
-        stats = self.engine.statistics(self.capture, num, grads=mc)
+        stats = self.engine.statistics(self.capture, num, grads=mc,
+                                       due=self.engine.due_statistics(self.steps))
         if not stats.A:
             return None
         if not stats.is_finite():

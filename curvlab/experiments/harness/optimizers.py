@@ -38,7 +38,7 @@ _CLASSES: dict[str, tuple[str, type[torch.optim.Optimizer] | None]] = {
     "adam": ("TorchOptimizer", torch.optim.Adam),
     "curveball": ("CurveBall", None),
     "hessian-free": ("HessianFree", None),
-    "kfac": ("KFAC", None),
+    "kfac": ("KFACOptimizer", None),
     "ngd": ("NaturalGradient", None),
     "lm": ("DenseLevenbergMarquardt", None),
     "bfgs": ("DenseBFGS", None),
