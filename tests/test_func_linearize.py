@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _cases import LM_KINDS, lm_batch, make_lm, make_model
+from _oracles import all_names, dense_ef, dense_ggn, dense_hessian
 from torch import nn
 
 from curvlab.func import (
@@ -24,36 +25,16 @@ DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 5)
-        self.b = nn.Linear(5, 5)
-        self.c = nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        h = h + F.relu(self.b(h)) * 0.5 - 0.1 * h
-        h = torch.cat([h.sigmoid() * h, h[:, :1].exp()], dim=1)[:, :5]
-        return self.c(h.reshape(h.shape[0], -1))
+MODEL_KINDS = {  # name in this file -> tests/_cases.py kind
+    "cnn_bn_train": "cnn_bn_train",
+    "bn_eval": "bn_eval_leaky",
+    "residual": "residual_cat",
+    "mlp": "mlp_sigmoid",
+}
 
 
 def models():
-    torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Conv2d(2, 2, 1), nn.AvgPool2d(3), nn.Flatten(),
-                        nn.Linear(2, 3))
-    bn_eval = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.LeakyReLU(0.1),
-                            nn.Linear(5, 3)).eval()
-    with torch.no_grad():
-        bn_eval[1].running_mean.normal_()
-        bn_eval[1].running_var.uniform_(0.5, 2)
-    return {
-        "cnn_bn_train": (cnn.to(DT), (1, 6, 6)),
-        "bn_eval": (bn_eval.to(DT), (4,)),
-        "residual": (Residual().to(DT), (4,)),
-        "mlp": (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)).to(DT), (4,)),
-    }
+    return {name: make_model(kind) for name, kind in MODEL_KINDS.items()}
 
 
 @pytest.mark.parametrize("name", list(models()))
@@ -126,19 +107,11 @@ def test_pure_products_match_dense():
     params = select_params(model)
     names = list(params)
     shapes = [p.shape for p in params.values()]
-    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
     sizes = [p.numel() for p in params.values()]
-
-    def call(t):
-        parts = torch.split(t, sizes)
-        return torch.func.functional_call(
-            model, {n: q.reshape(s) for n, q, s in zip(names, parts, shapes, strict=True)}, (x,))
-
-    H = torch.func.hessian(lambda t: loss_fn(call(t), y))(theta)
-    J = torch.func.jacrev(call)(theta).reshape(15, -1)
-    out = call(theta).detach()
-    HL = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(15, 15)
-    G = J.T @ HL @ J
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    assert names == all_names(model)
+    H = dense_hessian(model, loss_fn, x, y, names)
+    G = dense_ggn(model, loss_fn, x, y, names)
     v = torch.randn_like(theta)
     vl = [t.reshape(s) for t, s in zip(torch.split(v, sizes), shapes, strict=True)]
 
@@ -156,17 +129,9 @@ def test_pure_products_match_dense():
     prods = hessian_vector_products(model, loss_fn, params, x, y, [vl, [2 * t for t in vl]])
     torch.testing.assert_close(flat(prods[1]), 2 * H @ v, rtol=1e-8, atol=1e-10)
     # empirical Fisher: per-example gradient oracle
-    def single(t, xn, yn):
-        parts = torch.split(t, sizes)
-        o = torch.func.functional_call(
-            model, {n: q.reshape(s) for n, q, s in zip(names, parts, shapes, strict=True)},
-            (xn.unsqueeze(0),))
-        return loss_fn(o, yn.unsqueeze(0))
-
-    g = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(theta, x, y)
     torch.testing.assert_close(flat(empirical_fisher_vector_product(model, loss_fn, None, x, y,
                                                                     vl)),
-                               g.T @ (g @ v) / 5, rtol=1e-8, atol=1e-10)
+                               dense_ef(model, loss_fn, x, y, names) @ v, rtol=1e-8, atol=1e-10)
     f = fisher_vector_product(model, loss_fn, None, x, vl, mc_samples=2,
                               generator=torch.Generator().manual_seed(0))
     assert flat(f).shape == v.shape
@@ -212,3 +177,94 @@ def test_layerwise_param_subsets_and_grouped_conv(subset):
     torch.testing.assert_close(lay.jvp(v), fun.jvp(v), rtol=1e-10, atol=1e-12)
     vb = {n: torch.stack([t, -t]) for n, t in v.items()}
     torch.testing.assert_close(lay.jvp_batched(vb)[1], -fun.jvp(v), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# integer / boolean inputs, Embedding, LayerNorm, GELU, attention
+
+
+def _jvp_reference(model, params, x, v):
+    from curvlab.func.forward_ad import forward_ad_kernels
+    from curvlab.func.params import cloned_buffers
+
+    buffers = cloned_buffers(model)
+    primals = {n: p.detach() for n, p in params.items()}
+    with forward_ad_kernels():
+        return torch.func.jvp(
+            lambda p: torch.func.functional_call(model, ({**primals, **p}, buffers), (x,)),
+            (primals,), (v,))[1]
+
+
+def _check_engines(model, x, *, layerwise_rules=()):
+    params = select_params(model)
+    g = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in params.items()}
+    lay = linearize(model, params, x, engine="layerwise")
+    fun = linearize(model, params, x, engine="functional")
+    torch.testing.assert_close(lay.output, fun.output, rtol=1e-12, atol=1e-12)
+    ref = _jvp_reference(model, params, x, v)
+    torch.testing.assert_close(lay.jvp(v), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fun.jvp(v), ref, rtol=1e-10, atol=1e-12)
+    r = torch.randn(lay.output.shape, generator=g, dtype=DT)
+    lhs = (r * lay.jvp(v)).sum()
+    rhs = sum((gr * v[n]).sum() for n, gr in zip(lay.names, lay.vjp(r), strict=True))
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-12)
+    vb = {n: torch.stack([t, -2 * t]) for n, t in v.items()}
+    torch.testing.assert_close(lay.jvp_batched(vb)[1], -2 * ref, rtol=1e-10, atol=1e-12)
+    kinds = {type(e.target[0]) for e in lay._tape if e.kind == "module"}
+    for cls in layerwise_rules:
+        assert cls in kinds, (cls, kinds)
+    return lay
+
+
+@pytest.mark.parametrize("kind", LM_KINDS)
+def test_lm_zoo_integer_tokens_both_engines(kind):
+    model = make_lm(kind)
+    tokens, _ = lm_batch()
+    assert tokens.dtype == torch.int64
+    lay = _check_engines(model, tokens, layerwise_rules=(nn.Embedding, nn.LayerNorm))
+    assert lay.engine == "layerwise"
+    if kind in ("mlp_block", "tied", "gpt"):
+        assert nn.GELU in {type(e.target[0]) for e in lay._tape if e.kind == "module"}
+
+
+def test_embedding_padding_idx_row_is_constant():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, padding_idx=2), nn.Tanh(), nn.Linear(3, 4)).to(DT)
+    x = torch.tensor([[0, 2, 5], [2, 2, 1]])
+    params = select_params(model)
+    lin = linearize(model, params, x, engine="layerwise")
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    r = torch.randn_like(lin.output)
+    lhs = (r * lin.jvp(v)).sum()
+    rhs = sum((g * v[n]).sum() for n, g in zip(lin.names, lin.vjp(r), strict=True))
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-12)  # J is the backward's adjoint
+    only_pad = {"0.weight": torch.zeros(6, 3, dtype=DT).index_fill_(0, torch.tensor([2]), 1.0)}
+    assert torch.equal(lin.jvp(only_pad), torch.zeros_like(lin.output))
+
+
+class _MaskedInputs(nn.Module):
+    """Input dict with a float tensor, a boolean mask and integer ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.lin = nn.Linear(3, 3)
+        self.norm = nn.LayerNorm(3, elementwise_affine=False)
+        self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, inp):
+        h = self.emb(inp["ids"]) + self.lin(inp["x"])
+        h = self.act(self.norm(h))
+        return h * inp["mask"].unsqueeze(-1).to(h.dtype)
+
+
+def test_dict_inputs_with_bool_and_int_tensors():
+    model = _MaskedInputs().to(DT)
+    g = torch.Generator().manual_seed(0)
+    inp = {
+        "x": torch.randn(4, 2, 3, generator=g, dtype=DT),
+        "ids": torch.randint(0, 5, (4, 2), generator=g),
+        "mask": torch.rand(4, 2, generator=g) > 0.3,
+    }
+    _check_engines(model, inp, layerwise_rules=(nn.Embedding, nn.LayerNorm, nn.GELU))

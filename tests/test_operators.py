@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
+from _cases import make_data, make_loss, make_model
+from _oracles import aggregate, all_names, dense_ef, dense_ggn, dense_hessian
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from curvlab.func.params import cloned_buffers
 from curvlab.linalg import hutchinson_trace, lanczos
 from curvlab.operators import GGN, EmpiricalFisher, Fisher, Hessian, LinearOperator
 
@@ -22,171 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL, ATOL = 1e-8, 1e-10
 
 
-# ------------------------------------------------------------------------------------------
-# models and data
-
-
-class Residual(nn.Module):
-    """Residual block with functional ops in forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 5)
-        self.hidden = nn.Linear(5, 5)
-        self.out = nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.inp(x))
-        h = h + F.relu(self.hidden(h)) * 0.5
-        return self.out(h.sigmoid() * h)
-
-
-def make_model(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
-    torch.manual_seed(0)
-    if kind == "mlp_tanh":
-        m, shape = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), (4,)
-    elif kind == "mlp_relu":
-        m, shape = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), (4,)
-    elif kind == "cnn":
-        m = nn.Sequential(
-            nn.Conv2d(1, 2, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * 3 * 3, 3),
-        )
-        shape = (1, 6, 6)
-    elif kind in ("bn_train", "bn_eval"):
-        m = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
-        shape = (4,)
-        with torch.no_grad():
-            m[1].running_mean.normal_()
-            m[1].running_var.uniform_(0.5, 2.0)
-            m[1].weight.normal_()
-            m[1].bias.normal_()
-        m.train(kind == "bn_train")
-    elif kind == "residual":
-        m, shape = Residual(), (4,)
-    elif kind == "seq":  # outputs (N, C, d) for cross-entropy over positions
-        m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, 3, 1))
-        shape = (2, 5)
-    else:  # pragma: no cover
-        raise ValueError(kind)
-    return m.to(DT), shape
-
-
-def make_targets(loss: str, out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    if loss == "ce":
-        c = out.shape[1]
-        return torch.randint(0, c, (out.shape[0], *out.shape[2:]), generator=g)
-    if loss == "mse":
-        return torch.randn(out.shape, generator=g, dtype=DT)
-    return torch.rand(out.shape, generator=g, dtype=DT)
-
-
-def make_loss(loss: str, reduction: str) -> nn.Module:
-    cls = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[loss]
-    return cls(reduction=reduction)
-
-
-def make_data(model, shape, loss, sizes=(3, 5), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for n in sizes:
-        x = torch.randn((n, *shape), generator=g, dtype=DT)
-        with torch.no_grad():
-            out = torch.func.functional_call(model, ({}, cloned_buffers(model)), (x,))
-        batches.append((x, make_targets(loss, out, g)))
-    return batches
-
-
-# ------------------------------------------------------------------------------------------
-# dense oracles (one batch), aggregated with explicit weights
-
-
-def _flat_fn(model, names, shapes):
-    sizes = [math.prod(s) for s in shapes]
-    buffers = cloned_buffers(model)
-
-    def call(theta, x):
-        parts = torch.split(theta, sizes)
-        p = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-        return torch.func.functional_call(model, (p, buffers), (x,))
-
-    return call
-
-
-def _theta(model, names):
-    named = dict(model.named_parameters())
-    return torch.cat([named[n].detach().reshape(-1) for n in names]), [
-        named[n].shape for n in names
-    ]
-
-
-def _train_bn(model) -> bool:
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
-    )
-
-
-def dense_hessian(model, loss_fn, x, y, names):
-    theta, shapes = _theta(model, names)
-    call = _flat_fn(model, names, shapes)
-    if _train_bn(model):  # functorch's vmap-ed hessian mishandles train-mode BatchNorm
-        return torch.autograd.functional.hessian(lambda t: loss_fn(call(t, x), y), theta)
-    return torch.func.hessian(lambda t: loss_fn(call(t, x), y))(theta)
-
-
-def dense_ggn(model, loss_fn, x, y, names):
-    theta, shapes = _theta(model, names)
-    call = _flat_fn(model, names, shapes)
-    out = call(theta, x).detach()
-    if _train_bn(model):
-        jac = torch.autograd.functional.jacobian(lambda t: call(t, x), theta)
-    else:
-        jac = torch.func.jacrev(lambda t: call(t, x))(theta)
-    jac = jac.reshape(out.numel(), -1)
-    h_out = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
-    return jac.T @ h_out @ jac
-
-
-def dense_ef(model, loss_fn, x, y, names):
-    """(1/N or 1) sum_n g_n g_n^T from vmap-ed per-example gradients."""
-    theta, shapes = _theta(model, names)
-    call = _flat_fn(model, names, shapes)
-
-    def single(t, xn, yn):
-        return loss_fn(call(t, xn.unsqueeze(0)), yn.unsqueeze(0))
-
-    grads = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(theta, x, y)
-    scale = 1.0 / x.shape[0] if loss_fn.reduction == "mean" else 1.0
-    return scale * grads.T @ grads
-
-
-def units(loss: str, loss_fn, out_shape, n) -> int:
-    if loss_fn.reduction == "sum":
-        return 1
-    numel = math.prod(out_shape)
-    return numel // out_shape[1] if loss == "ce" else numel
-
-
-def aggregate(oracle, model, loss, loss_fn, batches, names, by_examples=False):
-    total, weight = 0.0, 0
-    for x, y in batches:
-        with torch.no_grad():
-            out = torch.func.functional_call(model, ({}, cloned_buffers(model)), (x,))
-        w = (
-            (1 if loss_fn.reduction == "sum" else x.shape[0])
-            if by_examples
-            else units(loss, loss_fn, out.shape, x.shape[0])
-        )
-        total = total + w * oracle(model, loss_fn, x, y, names)
-        weight += w
-    return total / (weight if loss_fn.reduction == "mean" else 1)
-
-
-def all_names(model):
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+# models, data and dense oracles: tests/_cases.py, tests/_oracles.py
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,20 +60,20 @@ def test_operators_match_dense_oracles(kind, loss, reduction):
     E = EmpiricalFisher(model, loss_fn, batches)
     torch.testing.assert_close(
         H.to_dense(),
-        aggregate(dense_hessian, model, loss, loss_fn, batches, names),
+        aggregate(dense_hessian, model, loss_fn, batches, names),
         rtol=RTOL,
         atol=ATOL,
     )
     torch.testing.assert_close(
         G.to_dense(),
-        aggregate(dense_ggn, model, loss, loss_fn, batches, names),
+        aggregate(dense_ggn, model, loss_fn, batches, names),
         rtol=RTOL,
         atol=ATOL,
     )
     if not kind.startswith("bn_train"):  # per-example losses are undefined with batch stats
         torch.testing.assert_close(
             E.to_dense(),
-            aggregate(dense_ef, model, loss, loss_fn, batches, names, by_examples=True),
+            aggregate(dense_ef, model, loss_fn, batches, names, by_examples=True),
             rtol=RTOL,
             atol=ATOL,
         )
@@ -281,7 +115,7 @@ def test_parameter_subset_list_and_dict():
     assert H.shape == (15 + 5, 15 + 5)
     torch.testing.assert_close(
         H.to_dense(),
-        aggregate(dense_hessian, model, "ce", loss_fn, batches, names),
+        aggregate(dense_hessian, model, loss_fn, batches, names),
         rtol=RTOL,
         atol=ATOL,
     )
@@ -289,7 +123,7 @@ def test_parameter_subset_list_and_dict():
     G = GGN(model, loss_fn, batches, params={n: named[n] for n in names})
     torch.testing.assert_close(
         G.to_dense(),
-        aggregate(dense_ggn, model, "ce", loss_fn, batches, names),
+        aggregate(dense_ggn, model, loss_fn, batches, names),
         rtol=RTOL,
         atol=ATOL,
     )
