@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.curvlab-installed
 
-.PHONY: install test lint unit notebooks reproduce reproduce-full benchmarks clean
+.PHONY: install test lint unit notebooks reproduce reproduce-full benchmarks clean device-suite
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,9 @@ benchmarks: install
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
+
+# One prepared GPU run (papers/README_gpu.md): on the lent machine `make device-suite` writes
+# to $OUT; here `make device-suite ARGS=--smoke` runs the same path at tiny CPU sizes.
+device-suite:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/device_suite.py \
+		--out $${OUT:-device-out} --budget-s 520 $(ARGS)
