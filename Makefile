@@ -52,4 +52,4 @@ clean:
 # to $OUT; here `make device-suite ARGS=--smoke` runs the same path at tiny CPU sizes.
 device-suite:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/device_suite.py \
-		--out $${OUT:-device-out} --budget-s 520 $(ARGS)
+		--out $${OUT:-results/device-suite} --budget-s 520 $(ARGS)
