@@ -26,6 +26,10 @@ b]`` the block is ``G ⊗ A``, i.e. ``(G ⊗ A) vec(V) = vec(G V A)``. Inverses:
   ``(G + √λ/π I)⁻¹ V (A + π√λ I)⁻¹`` with ``π = sqrt((tr A/dim A)/(tr G/dim G))`` (1 when a
   trace is 0), the explicit damped inverses built from the cached eigenbases and kept per
   damping value.
+
+``split_dim=k`` (THOR): a factor larger than ``k`` is kept as its block-diagonal part with
+blocks of at most ``k`` (:class:`~curvlab.kfac.split.SplitMatrix`), so the block is
+``blockdiag(G) ⊗ blockdiag(A)`` and both inverses above apply to that matrix exactly.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch import Tensor
 
 from curvlab.kfac.inverse import EighError, safe_eigh
 from curvlab.kfac.layers import KFACLayer
+from curvlab.kfac.split import SplitMatrix, split_eigh
 
 __all__ = ["Eigendecomposition", "InverseKind", "KroneckerBlock"]
 
@@ -79,6 +84,8 @@ class KroneckerBlock:
         ekfac: Keep EKFAC scalings (``inverse='eigen'``).
         ema_decay: Maximal weight of the old average in :meth:`update`.
         pi: ``'tracenorm'`` or a positive number, π of the factored damping.
+        split_dim: Keep factors larger than this as block-diagonal parts with blocks of at most
+            ``split_dim`` (THOR); ``None``: no splitting.
 
     Attributes:
         A, G: Current factors (``None`` before the first statistics).
@@ -101,9 +108,13 @@ class KroneckerBlock:
 
     def __init__(
         self, layer: KFACLayer, *, inverse: InverseKind = "eigen", ekfac: bool = False,
-        ema_decay: float = 0.95, pi: str | float = "tracenorm",
+        ema_decay: float = 0.95, pi: str | float = "tracenorm", split_dim: int | None = None,
     ) -> None:
         check_inverse(inverse, ekfac)
+        if split_dim is not None and (isinstance(split_dim, bool) or not isinstance(
+                split_dim, int) or split_dim < 1):
+            raise ValueError(f"split_dim must be None or an int >= 1, got {split_dim!r}")
+        self.split_dim = split_dim
         if pi != "tracenorm" and not (isinstance(pi, int | float) and pi > 0):
             raise ValueError(f"pi must be 'tracenorm' or a positive number, got {pi!r}")
         self.layer = layer
@@ -122,6 +133,15 @@ class KroneckerBlock:
         self._explicit: dict[float, tuple[Tensor, Tensor]] = {}
 
     # ---- factors -------------------------------------------------------------------------
+    def splits(self, n: int) -> bool:
+        """Whether a factor of size ``n`` is split."""
+        return self.split_dim is not None and n > self.split_dim
+
+    def _as_split(self, X: Tensor | SplitMatrix | None):
+        if X is None or isinstance(X, SplitMatrix) or not self.splits(X.shape[-1]):
+            return X
+        return SplitMatrix.from_dense(X, self.split_dim)
+
     @property
     def has_factors(self) -> bool:
         return self.A is not None and self.G is not None
@@ -141,6 +161,7 @@ class KroneckerBlock:
         for attr, new in (("A", A), ("G", G)):
             if new is None:
                 continue
+            new = self._as_split(new)
             old = getattr(self, attr)
             x = eps * old + (1.0 - eps) * new if old is not None and eps > 0.0 else new.clone()
             setattr(self, attr, 0.5 * (x + x.mT))
@@ -149,7 +170,7 @@ class KroneckerBlock:
 
     def set_factors(self, A: Tensor, G: Tensor) -> None:
         """Set the factors (an estimate over a data set, no averaging)."""
-        self.A, self.G = A, G
+        self.A, self.G = self._as_split(A), self._as_split(G)
         self.updates = max(self.updates, 1)
         self.stale = True
         self.eig = None
@@ -182,9 +203,14 @@ class KroneckerBlock:
         """
         if self.A is None:
             return False
+        def eigh(X, what):
+            name = f"{what} of {self.name!r}"
+            return split_eigh(X, name=name) if isinstance(X, SplitMatrix) else \
+                safe_eigh(X, name=name)
+
         try:
-            d_a, u_a = safe_eigh(self.A, name=f"A of {self.name!r}")
-            d_g, u_g = safe_eigh(self.G, name=f"G of {self.name!r}")
+            d_a, u_a = eigh(self.A, "A")
+            d_g, u_g = eigh(self.G, "G")
         except EighError as err:
             warnings.warn(f"K-FAC: {err}; keeping the previous inverse", RuntimeWarning,
                           stacklevel=3)
@@ -218,9 +244,10 @@ class KroneckerBlock:
             tensor([[3.]])
         """
         root, pi = math.sqrt(damping), self.pi_value()
-        eye_a = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
-        eye_g = torch.eye(self.G.shape[0], dtype=self.G.dtype, device=self.G.device)
-        return self.G + root / pi * eye_g, self.A + pi * root * eye_a
+        A, G = (X.dense() if isinstance(X, SplitMatrix) else X for X in (self.A, self.G))
+        eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        return G + root / pi * eye_g, A + pi * root * eye_a
 
     def explicit_inverses(self, damping: float) -> tuple[Tensor, Tensor]:
         """``((G + √λ/π I)⁻¹, (A + π√λ I)⁻¹)`` from the cached eigenbases (kept per damping)."""
@@ -351,6 +378,7 @@ class KroneckerBlock:
         self._explicit.clear()
 
     def __repr__(self) -> str:
+        split = "" if self.split_dim is None else f", split_dim={self.split_dim}"
         return (f"KroneckerBlock({self.name!r}, A={self.layer.in_dim}x{self.layer.in_dim}, "
                 f"G={self.layer.out_dim}x{self.layer.out_dim}, inverse={self.inverse!r}, "
-                f"ekfac={self.ekfac}, updates={self.updates})")
+                f"ekfac={self.ekfac}{split}, updates={self.updates})")

@@ -38,12 +38,14 @@ from curvlab.kfac.factors import (
     KroneckerFactors,
     cross_input_factor,
     cross_output_factor,
+    fisher_scale,
     input_factor,
     output_factor,
 )
 from curvlab.kfac.inverse import EighError
 from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
+from curvlab.kfac.split import SplitMatrix, split_gram
 from curvlab.kfac.tridiagonal import TridiagonalFactors, TridiagonalInverse
 
 __all__ = ["FISHER_TYPES", "KroneckerEngine", "LayerStatistics", "register_layers"]
@@ -105,7 +107,11 @@ class LayerStatistics:
     num_examples: int = 0
 
     def tensors(self) -> list[Tensor]:
-        return [*self.A.values(), *self.G.values(), *[t for c in self.cross.values() for t in c]]
+        out = []
+        for t in [*self.A.values(), *self.G.values(), *[t for c in self.cross.values()
+                                                        for t in c]]:
+            out.extend(t.parts() if isinstance(t, SplitMatrix) else [t])
+        return out
 
     def is_finite(self) -> bool:
         ts = self.tensors()
@@ -135,6 +141,9 @@ class KroneckerEngine:
         refresh: A :class:`~curvlab.kfac.refresh.RefreshPolicy` deciding per layer and step
             which statistics are recomputed and which inverses refreshed (default
             :class:`~curvlab.kfac.refresh.FixedRefresh` with K-FAC's intervals 1 and 20).
+        split_dim: THOR's block splitting (:mod:`curvlab.kfac.split`): factors larger than
+            ``split_dim`` are block-diagonal with blocks of at most ``split_dim``; their
+            statistics are computed blockwise. ``None``: no splitting.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -164,6 +173,7 @@ class KroneckerEngine:
         structure: Structure = "block-diagonal",
         pi: str | float = "tracenorm",
         refresh: RefreshPolicy | None = None,
+        split_dim: int | None = None,
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -178,6 +188,9 @@ class KroneckerEngine:
                                             else layers)
         if structure == "block-tridiagonal":
             bad = [la.name for la in self.layers if la.kind != "linear" or la.group is not None]
+            if split_dim is not None:
+                raise ValueError("structure='block-tridiagonal' cannot be combined with "
+                                 "split_dim")
             if bad or ekfac:
                 raise ValueError(
                     "structure='block-tridiagonal' supports chains of nn.Linear layers; got "
@@ -187,8 +200,10 @@ class KroneckerEngine:
         self.inverse, self.ekfac, self.structure = inverse, bool(ekfac), structure
         self.ema_decay = float(ema_decay)
         self.blocks: dict[str, KroneckerBlock] = {
-            la.name: KroneckerBlock(la, inverse=inverse, ekfac=ekfac, ema_decay=ema_decay, pi=pi)
+            la.name: KroneckerBlock(la, inverse=inverse, ekfac=ekfac, ema_decay=ema_decay, pi=pi,
+                                    split_dim=split_dim)
             for la in self.layers}
+        self.split_dim = split_dim
         self.pi = pi
         if refresh is not None and not isinstance(refresh, RefreshPolicy):
             raise TypeError(f"refresh must be a curvlab.kfac RefreshPolicy, got "
@@ -238,19 +253,39 @@ class KroneckerEngine:
                 continue
             dtype = _factor_dtype(layer)
             x = capture.layer_inputs(name)
+            block = self.blocks[name]
             with torch.autocast(device_type=x.device.type, enabled=False):
                 xs, gs = x.to(dtype), [g.to(dtype) for g in gs]
                 if need_a:
-                    stats.A[name] = input_factor(layer, [xs])
+                    stats.A[name] = self._split_input_factor(block, xs) \
+                        if block.splits(layer.in_dim) else input_factor(layer, [xs])
                 if need_g:
-                    stats.G[name] = output_factor(layer, gs, num_examples, fisher=self.fisher,
-                                                  reduction=self.reduction,
-                                                  mc_samples=self.mc_samples)
+                    stats.G[name] = self._split_output_factor(block, gs, num_examples) \
+                        if block.splits(layer.out_dim) else output_factor(
+                            layer, gs, num_examples, fisher=self.fisher,
+                            reduction=self.reduction, mc_samples=self.mc_samples)
             if need_a and need_g:
                 stats.used[name] = (x, gs)
         if self.structure == "block-tridiagonal" and len(stats.used) == len(self.layers):
             stats.cross = self._cross_statistics(capture, stats)
         return stats
+
+    @staticmethod
+    def _split_input_factor(block: KroneckerBlock, x: Tensor) -> SplitMatrix:
+        """Blockwise ``A`` (same scale as :func:`~curvlab.kfac.factors.input_factor`)."""
+        if block.layer.bias is not None:
+            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        return split_gram(x.flatten(0, 1), block.split_dim) / x.shape[0]
+
+    def _split_output_factor(self, block: KroneckerBlock, gs: list[Tensor],
+                             num_examples: int) -> SplitMatrix:
+        """Blockwise ``G`` (same scale as :func:`~curvlab.kfac.factors.output_factor`)."""
+        s = fisher_scale(self.fisher, num_examples, self.reduction, self.mc_samples)
+        total = None
+        for g in gs:
+            c = split_gram(g.flatten(0, 1), block.split_dim) / g.shape[1]
+            total = c if total is None else total + c
+        return total * s
 
     def _cross_statistics(self, capture: FactorCapture,
                           stats: LayerStatistics) -> dict[int, tuple[Tensor, Tensor]]:

@@ -36,6 +36,15 @@ __all__ = ["AdaptiveRefresh", "FixedRefresh", "FrequencyRefresh", "RefreshPolicy
            "TraceRefresh"]
 
 
+def _fro(X) -> float:
+    """Frobenius norm of a tensor or a split factor."""
+    return float(X.norm()) if hasattr(X, "parts") else float(torch.linalg.matrix_norm(X))
+
+
+def _trace(X) -> float:
+    return float(X.trace()) if hasattr(X, "parts") else float(torch.trace(X))
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -220,8 +229,8 @@ class AdaptiveRefresh(RefreshPolicy):
     def observe_update(self, step, name, factor, old, new):
         iv = self.intervals[name]
         if old is not None:
-            ref = float(torch.linalg.matrix_norm(old))
-            diff = float(torch.linalg.matrix_norm(new.to(old.dtype) - old))
+            ref = _fro(old)
+            diff = _fro(new.to(old.dtype) - old)
             rel = diff / ref if ref > 0 else math.inf
             self.similarity.setdefault(name, {})[factor] = rel
             if rel < self.alpha:
@@ -275,7 +284,7 @@ class TraceRefresh(RefreshPolicy):
         if name not in self.traces or A is None:
             return True
         ta, tg = self.traces[name]
-        now_a, now_g = float(torch.trace(A)), float(torch.trace(G))
+        now_a, now_g = _trace(A), _trace(G)
 
         def rel(now, then):
             return abs(now - then) / then if then > 0 else math.inf
@@ -283,7 +292,7 @@ class TraceRefresh(RefreshPolicy):
         return rel(now_a, ta) >= self.omega or rel(now_g, tg) >= self.omega
 
     def observe_refresh(self, step, name, A, G):
-        self.traces[name] = (float(torch.trace(A)), float(torch.trace(G)))
+        self.traces[name] = (_trace(A), _trace(G))
         super().observe_refresh(step, name, A, G)
 
     def _extra_state(self):

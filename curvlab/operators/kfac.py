@@ -122,6 +122,9 @@ class KFAC(LinearOperator):
         structure: ``"block-diagonal"`` or ``"block-tridiagonal"``.
         ekfac: Use EKFAC scalings (block-diagonal only).
         strict: Raise instead of warning about unsupported parameters.
+        split_dim: THOR's block splitting: factors larger than ``split_dim`` are replaced by
+            their block-diagonal parts (blocks of at most ``split_dim``), so the operator and
+            ``to_dense()`` are ``blockdiag(G) ⊗ blockdiag(A)`` per layer.
 
     Attributes:
         layers: The :class:`~curvlab.kfac.layers.LayerTable`.
@@ -157,6 +160,7 @@ class KFAC(LinearOperator):
         structure: Structure = "block-diagonal",
         ekfac: bool = False,
         strict: bool = False,
+        split_dim: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -190,7 +194,7 @@ class KFAC(LinearOperator):
         #: preconditioner: the same blocks, inverses and options).
         self.engine = KroneckerEngine(self.layers, fisher=fisher, reduction=self.rule.reduction,
                                       mc_samples=self.mc_samples, ekfac=ekfac,
-                                      structure=structure)
+                                      structure=structure, split_dim=split_dim)
         gen = _make_generator(generator, first.device)
         kw = {"fisher": fisher, "mc_samples": self.mc_samples, "generator": gen}
         batches = []

@@ -127,6 +127,8 @@ class KFACOptimizer(CurvatureOptimizer):
             ``FrequencyRefresh`` for THOR); default ``FixedRefresh(cov_interval, inv_interval,
             num_forced_inverses)``. Layers whose statistics are not due get no factor products,
             and no sampled backward runs when no layer needs a new ``G``.
+        split_dim: THOR's block splitting of factors larger than ``split_dim``
+            (:mod:`curvlab.kfac.split`); ``None``: no splitting.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine` (factors, inverses, EKFAC).
@@ -174,6 +176,7 @@ class KFACOptimizer(CurvatureOptimizer):
         gamma_interval: int = 20,
         num_forced_inverses: int = 3,
         refresh: RefreshPolicy | None = None,
+        split_dim: int | None = None,
     ) -> None:
         defaults = {
             "lr": check_hyper("lr", lr, minimum=0.0, strict=True),
@@ -206,6 +209,7 @@ class KFACOptimizer(CurvatureOptimizer):
         self.engine = KroneckerEngine(
             self.layers, fisher=fisher, reduction=reduction, mc_samples=self.mc_samples,
             inverse=inverse, ekfac=ekfac, ema_decay=self.ema_decay, structure=structure,
+            split_dim=split_dim,
             refresh=refresh if refresh is not None else FixedRefresh(
                 cov_interval, inv_interval, self.num_forced_inverses))
         self.refresh_policy = self.engine.policy

@@ -75,6 +75,7 @@ class KFACPreconditioner:
         refresh: A refresh policy (:mod:`curvlab.kfac.refresh`), as for
             :class:`curvlab.optim.KFACOptimizer`; default ``FixedRefresh(cov_interval,
             inv_interval, num_forced_inverses)``.
+        split_dim: THOR's block splitting (:mod:`curvlab.kfac.split`); ``None``: none.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine`.
@@ -122,6 +123,7 @@ class KFACPreconditioner:
         strict: bool = False,
         num_forced_inverses: int = 3,
         refresh: RefreshPolicy | None = None,
+        split_dim: int | None = None,
     ) -> None:
         self.model = model
         self.params = select_params(model, params)
@@ -156,6 +158,7 @@ class KFACPreconditioner:
         self.engine = KroneckerEngine(
             self.layers, fisher=fisher, reduction=loss_reduction, mc_samples=self.mc_samples,
             inverse=inverse, ekfac=ekfac, ema_decay=ema,
+            split_dim=split_dim,
             refresh=refresh if refresh is not None else FixedRefresh(
                 self.cov_interval, self.inv_interval, self.num_forced_inverses))
         self.ekfac = bool(ekfac)
