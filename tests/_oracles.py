@@ -2,7 +2,8 @@
 
 Built only from ``torch.func``/``torch.autograd.functional`` and the loss's own definition (never
 from curvlab's rules). Train-mode BatchNorm is handled once here: functorch's ``vmap``-ed
-``hessian``/``jacrev`` mishandle it, so those models use ``torch.autograd.functional``. Models
+``hessian``/``jacrev`` mishandle it, so those models use ``torch.autograd.functional`` (as do
+models with ``nn.Embedding`` for the Hessian, see :func:`dense_hessian`). Models
 with integer inputs (token ids) work as is: only the flat parameter vector is differentiated.
 
 * :func:`dense_hessian` -- the Hessian of the batch loss.
@@ -89,12 +90,19 @@ def output_hessian(loss_fn, out: Tensor, y) -> Tensor:
     return h.reshape(out.numel(), out.numel())
 
 
+def _functorch_hessian_unreliable(model: nn.Module) -> bool:
+    """Train-mode BatchNorm, and ``nn.Embedding``: ``vmap`` over ``jvp(grad)`` (which
+    ``torch.func.hessian`` is) gets the cross terms of a broadcast positional embedding wrong in
+    torch 2.13, while the unbatched ``jvp(grad)`` and double backward agree."""
+    return has_train_bn(model) or any(isinstance(m, nn.Embedding) for m in model.modules())
+
+
 def dense_hessian(model, loss_fn, x, y, names) -> Tensor:
     theta, shapes = theta_of(model, names)
     call = flat_fn(model, names, shapes)
-    if has_train_bn(model):
-        return torch.autograd.functional.hessian(lambda t: loss_fn(call(t, x), y), theta)
-    with _math_attention():
+    with _math_attention():  # double backward / forward AD through attention
+        if _functorch_hessian_unreliable(model):
+            return torch.autograd.functional.hessian(lambda t: loss_fn(call(t, x), y), theta)
         return torch.func.hessian(lambda t: loss_fn(call(t, x), y))(theta)
 
 
