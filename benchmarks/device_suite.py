@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+T0 = time.monotonic()  # the budget counts from here: torch's import is part of the run
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 if importlib.util.find_spec("curvlab") is None:
@@ -105,11 +107,18 @@ def _run_part(name: str, fn: Any, seconds: float, log: Log) -> dict[str, Any]:
     return entry
 
 
+def _units_status(result: dict[str, Any]) -> str:
+    """``ok``, or ``partial: N of M units failed`` (each unit's error is in ``units``)."""
+    units = result.get("units", {})
+    failed = sum(str(v).startswith("error") for v in units.values())
+    return f"partial: {failed} of {len(units)} units failed" if failed else "ok"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns 0 when no part ended in an error."""
     args = build_parser().parse_args(argv)
     cfg = suite_config(args.smoke)
-    clock = Clock(args.budget_s, cfg.reserve_s)
+    clock = Clock(args.budget_s, cfg.reserve_s, start=T0)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="curvlab-device-"))
@@ -146,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         result.update(gpu_tests_part(device, left() - 2, log, REPO))
         return result.pop("status")
 
-    def products_fn(result: dict[str, Any], left: Left) -> None:
+    def products_fn(result: dict[str, Any], left: Left) -> str:
         try:
             products_part(cfg, device, left, result, log)
         finally:
             write_csv(result.get("rows", []), results / "benchmarks" / "products.csv")
+        return _units_status(result)
 
-    def optimizers_fn(result: dict[str, Any], left: Left) -> None:
+    def optimizers_fn(result: dict[str, Any], left: Left) -> str:
         try:
             optimizers_part(cfg, device, left, result, log)
+            return _units_status(result)
         finally:
             write_csv(result.get("rows", []), results / "benchmarks" / "optimizers.csv")
             write_csv(result.get("kfac_rows", []), results / "benchmarks" / "kfac_step.csv")

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,8 @@ def products_part(cfg: SuiteConfig, device: torch.device, left: Left, result: di
     import products
 
     rows: list[dict[str, Any]] = result.setdefault("rows", [])
-    units: dict[str, str] = result.setdefault("units", {})
-    for model_name, dtype in cfg.product_units:
-        unit = f"{model_name}/{dtype}"
-        if left() < cfg.unit_min_s:
-            units[unit] = "not run: budget"
-            continue
-        units[unit] = "running"
-        start = time.monotonic()
+
+    def unit(model_name: str, dtype: str) -> str:
         model, x, y = _batch(model_name, device)
         with _amp(device, dtype):
             fns = products.products(model, x, y)
@@ -178,10 +173,31 @@ def products_part(cfg: SuiteConfig, device: torch.device, left: Left, result: di
             rows.append({"model": model_name, "dtype": dtype, "product": name,
                          "ms": float("nan"), "ratio_to_gradient": float("nan"),
                          "error": err})
-        units[unit] = f"ok ({time.monotonic() - start:.1f} s)"
-        log(f"  products {unit}: gradient {1e3 * grad:.2f} ms, {len(errors)} failed, "
-            f"{time.monotonic() - start:.1f} s")
-        del model, x, y, fns
+        return f"gradient {1e3 * grad:.2f} ms, {len(errors)} failed"
+
+    _units("products", cfg.product_units, unit, cfg, device, left, result, log)
+
+
+def _units(part: str, pairs: tuple[tuple[str, str], ...], body: Callable[[str, str], str],
+           cfg: SuiteConfig, device: torch.device, left: Left, result: dict[str, Any],
+           log: Callable[..., None]) -> None:
+    """``body(model, dtype)`` per pair, each recorded in ``result["units"]``; a unit that
+    raises is recorded with its traceback (in the log) and the next one runs."""
+    units: dict[str, str] = result.setdefault("units", {})
+    for model_name, dtype in pairs:
+        name = f"{model_name}/{dtype}"
+        if left() < cfg.unit_min_s:
+            units[name] = "not run: budget"
+            continue
+        units[name] = "running"
+        start = time.monotonic()
+        try:
+            note = body(model_name, dtype)
+            units[name] = f"ok ({time.monotonic() - start:.1f} s)"
+            log(f"  {part} {name}: {note}, {time.monotonic() - start:.1f} s")
+        except Exception as err:  # recorded; the next unit still runs
+            units[name] = f"error: {type(err).__name__}: {err}"[:300]
+            log(f"  {part} {name} failed:\n{traceback.format_exc()}")
         _free(device)
 
 
@@ -221,14 +237,8 @@ def optimizers_part(cfg: SuiteConfig, device: torch.device, left: Left, result: 
 
     rows: list[dict[str, Any]] = result.setdefault("rows", [])
     kfac_rows: list[dict[str, Any]] = result.setdefault("kfac_rows", [])
-    units: dict[str, str] = result.setdefault("units", {})
-    for model_name, dtype in cfg.step_units:
-        unit = f"{model_name}/{dtype}"
-        if left() < cfg.unit_min_s:
-            units[unit] = "not run: budget"
-            continue
-        units[unit] = "running"
-        start = time.monotonic()
+
+    def unit(model_name: str, dtype: str) -> str:
         times, errors = _time_steps(model_name, device, dtype, cfg)
         base = times.get(optimizers.BASELINE, float("nan"))
         mem: dict[str, float] = {}
@@ -236,8 +246,7 @@ def optimizers_part(cfg: SuiteConfig, device: torch.device, left: Left, result: 
             for case in optimizers.CASES:
                 if case.name in times and left() > cfg.unit_min_s:
                     try:
-                        mem[case.name] = optimizers.memory_case(model_name, case.name,
-                                                                device)
+                        mem[case.name] = optimizers.memory_case(model_name, case.name, device)
                     except Exception as err:
                         errors.setdefault(case.name, f"memory: {type(err).__name__}: {err}")
                     _free(device)
@@ -250,32 +259,22 @@ def optimizers_part(cfg: SuiteConfig, device: torch.device, left: Left, result: 
         for name, err in errors.items():
             rows.append({"model": model_name, "dtype": dtype, "optimizer": name,
                          "ms": float("nan"), "ratio_to_sgd": float("nan"), "error": err})
-        units[unit] = f"ok ({time.monotonic() - start:.1f} s)"
-        log(f"  optimizers {unit}: SGD {1e3 * base:.2f} ms, {len(errors)} failed, "
-            f"{time.monotonic() - start:.1f} s")
-    for model_name in cfg.models:
-        for inverse in cfg.kfac_inverses:
-            unit = f"{model_name}/K-FAC {inverse}"
-            if left() < cfg.unit_min_s:
-                units[unit] = "not run: budget"
-                continue
-            start = time.monotonic()
-            try:
-                t = kfac_step.measure(model_name, repeats=cfg.kfac_repeats, device=device,
-                                      inverse=inverse)
-            except Exception as err:
-                units[unit] = f"error: {type(err).__name__}: {err}"[:300]
-                _free(device)
-                continue
-            row = {"model": model_name, "inverse": inverse,
-                   **{k: v for k, v in t.items()}}
-            for cov, inv in kfac_step.CONFIGS:
-                row[f"ratio_cov{cov}_inv{inv}"] = kfac_step.amortized(t, cov, inv) / t["sgd"]
-            kfac_rows.append(row)
-            result["kfac_table"] = kfac_step.table(
-                {(r["model"], r["inverse"]): r for r in kfac_rows})
-            units[unit] = f"ok ({time.monotonic() - start:.1f} s)"
-            _free(device)
+        return f"SGD {1e3 * base:.2f} ms, {len(errors)} failed"
+
+    def kfac_unit(model_name: str, inverse: str) -> str:
+        t = kfac_step.measure(model_name, repeats=cfg.kfac_repeats, device=device,
+                              inverse=inverse)
+        row = {"model": model_name, "inverse": inverse, **t}
+        for cov, inv in kfac_step.CONFIGS:
+            row[f"ratio_cov{cov}_inv{inv}"] = kfac_step.amortized(t, cov, inv) / t["sgd"]
+        kfac_rows.append(row)
+        result["kfac_table"] = kfac_step.table({(r["model"], r["inverse"]): r
+                                                for r in kfac_rows})
+        return f"K-FAC {inverse}: inverse refresh {1e3 * t['inv']:.1f} ms"
+
+    _units("optimizers", cfg.step_units, unit, cfg, device, left, result, log)
+    kfac_pairs = tuple((m, inv) for m in cfg.models for inv in cfg.kfac_inverses)
+    _units("K-FAC", kfac_pairs, kfac_unit, cfg, device, left, result, log)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

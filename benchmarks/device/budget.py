@@ -34,10 +34,11 @@ class BudgetExceeded(BaseException):
 class Clock:
     """Seconds left of the suite's budget ``budget_s`` minus ``reserve_s`` (kept for the end)."""
 
-    def __init__(self, budget_s: float, reserve_s: float = 0.0) -> None:
+    def __init__(self, budget_s: float, reserve_s: float = 0.0, *,
+                 start: float | None = None) -> None:
         if budget_s <= 0:
             raise ValueError(f"Clock: budget_s must be positive, got {budget_s!r}")
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else float(start)  # time.monotonic()
         self.budget_s = float(budget_s)
         self.reserve_s = float(reserve_s)
 

@@ -7,7 +7,7 @@ Benchmark models are registered into ``benchmarks/_common.MODELS`` under the nam
 Example:
     >>> cfg = suite_config(smoke=True)
     >>> cfg.mode, cfg.models
-    ('smoke', ('mlp-h32-b16', 'resnet18-w2-b2'))
+    ('smoke', ('mlp-64-32-16-b16', 'resnet18-w2-b2'))
     >>> [p.name for p in suite_config(smoke=False).experiments][:2]
     ['kfac-anatomy', 'curvature-products']
 """
@@ -32,10 +32,10 @@ PARTS: tuple[str, ...] = ("env", "gpu-tests", "products", "optimizers", "experim
 Builder = Callable[..., tuple[nn.Module, tuple[int, ...], int]]
 
 
-def _mlp(batch: int, hidden: tuple[int, ...] = (1000, 500, 250)) -> Builder:
+def _mlp(batch: int, hidden: tuple[int, ...] = (1000, 500, 250), inputs: int = 784) -> Builder:
     def build(seed: int = 0) -> tuple[nn.Module, tuple[int, ...], int]:
-        net = benchmark_mlp(hidden=hidden, generator=torch.Generator().manual_seed(seed))
-        return net, (784,), batch
+        net = benchmark_mlp(inputs, hidden, generator=torch.Generator().manual_seed(seed))
+        return net, (inputs,), batch
     return build
 
 
@@ -51,7 +51,7 @@ BENCH_MODELS: dict[str, Builder] = {
     "mlp-b4096": _mlp(4096),  # 784-1000-500-250-10 tanh, batch 4096
     "resnet18-b256": _resnet(64, 32, 256),  # ResNet-18 (11.2 M parameters), 3x32x32, batch 256
     # smoke: the same code on tiny copies
-    "mlp-h32-b16": _mlp(16, (32, 16)),
+    "mlp-64-32-16-b16": _mlp(16, (32, 16), inputs=64),
     "resnet18-w2-b2": _resnet(2, 8, 2),
 }
 
@@ -102,17 +102,17 @@ def _pairs(models: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 def suite_config(smoke: bool) -> SuiteConfig:
     """The smoke (CPU, tiny sizes, < 1 min) or full (one H200, <= 9 min) configuration."""
     if smoke:
-        mlp, cnn = "mlp-h32-b16", "resnet18-w2-b2"
+        mlp, cnn = "mlp-64-32-16-b16", "resnet18-w2-b2"
         return SuiteConfig(
             mode="smoke", models=(mlp, cnn),
             product_units=((mlp, "fp32"), (mlp, "bf16"), (cnn, "fp32")),
             step_units=((mlp, "fp32"), (mlp, "bf16")),
             product_repeats=1, step_repeats=1, steps_per_round=1, kfac_repeats=1,
             kfac_inverses=("eigen",), memory_models=(mlp,),
-            part_caps={"env": 15, "gpu-tests": 30, "products": 20, "optimizers": 30,
-                       "experiments": 45},
+            part_caps={"env": 10, "gpu-tests": 10, "products": 15, "optimizers": 20,
+                       "experiments": 30},
             experiments=(
-                ExperimentPlan("kfac-anatomy", full=False, seeds=None, cap_s=30, min_s=1),
+                ExperimentPlan("kfac-anatomy", full=False, seeds=None, cap_s=25, min_s=1),
                 # stopped by its budget on purpose: exercises the kill path
                 ExperimentPlan("curveball-toy", full=False, seeds=None, cap_s=1.5, min_s=0.5),
             ),
@@ -123,17 +123,18 @@ def suite_config(smoke: bool) -> SuiteConfig:
         step_units=_pairs((mlp, cnn)),
         product_repeats=5, step_repeats=5, steps_per_round=3, kfac_repeats=3,
         kfac_inverses=("eigen", "factored"), memory_models=(mlp, cnn),
-        part_caps={"env": 30, "gpu-tests": 60, "products": 75, "optimizers": 150,
-                   "experiments": 360},
+        part_caps={"env": 30, "gpu-tests": 60, "products": 75, "optimizers": 100,
+                   "experiments": 400},
         experiments=(
-            # complete at full size: cheap on a GPU
-            ExperimentPlan("kfac-anatomy", full=True, seeds=None, cap_s=30),
+            # complete at full size: cheap (kfac-anatomy runs on the CPU, float64)
+            ExperimentPlan("kfac-anatomy", full=True, seeds=None, cap_s=45),
             ExperimentPlan("curvature-products", full=True, seeds=None, cap_s=60),
             ExperimentPlan("ngd-vs-kfac", full=True, seeds=None, cap_s=60),
-            # stopped by their budgets: the finished runs of each sweep are kept (resumable)
-            ExperimentPlan("deep-autoencoder", full=True, seeds=1, cap_s=75),
+            # far longer than a lease at full size (papers/README_gpu.md): stopped by their
+            # budgets, the finished runs of each sweep are kept and can be resumed (--results)
+            ExperimentPlan("deep-autoencoder", full=True, seeds=1, cap_s=150, min_s=60),
             ExperimentPlan("large-batch", full=True, seeds=1, cap_s=45),
-            ExperimentPlan("curveball-toy", full=True, seeds=3, cap_s=30),
+            ExperimentPlan("curveball-toy", full=True, seeds=3, cap_s=30),  # CPU-bound
             ExperimentPlan("cnn-classification", full=True, seeds=1, cap_s=60,
                            needs="cifar10"),
         ),

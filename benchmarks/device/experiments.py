@@ -44,8 +44,7 @@ def gpu_tests_part(device: torch.device, timeout_s: float, log: Log, repo: Path
     """Run the CUDA-marked tests; status ``ok``/``failed``/``stopped: budget``/``skipped``."""
     if device.type != "cuda":
         return {"status": "skipped: no CUDA"}
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rfEs",
-           "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rfEs"]
     res = run_child(cmd, timeout_s=timeout_s, log=log, cwd=repo, env=child_env(repo))
     lines = [ln.strip("= ") for ln in res.tail.splitlines() if _SUMMARY.search(ln)]
     summary = lines[-1] if lines else "(no pytest summary line)"
