@@ -5,14 +5,15 @@ Nothing here is public API; the optimizers in :mod:`curvlab.optim` build on it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from curvlab.func.rng import RngState, replay_rng, rng_state
 
 __all__ = [
     "RngState",
@@ -36,33 +37,6 @@ def new_counters() -> dict[str, int]:
     """Fresh counters: ``forward``, ``backward``, ``jvp``, ``ggn_products``, ``steps``,
     ``skipped_steps`` (all 0)."""
     return dict.fromkeys(COUNTER_KEYS, 0)
-
-
-RngState = tuple[Tensor, list[int], list[Tensor]]
-
-
-def _cuda_devices(tensors: Sequence[Tensor]) -> list[int]:
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-
-
-def rng_state(tensors: Sequence[Tensor]) -> RngState:
-    """Global RNG state of the CPU and of every CUDA device holding one of ``tensors``."""
-    devices = _cuda_devices(tensors)
-    return torch.get_rng_state(), devices, [torch.cuda.get_rng_state(d) for d in devices]
-
-
-@contextlib.contextmanager
-def replay_rng(state: RngState) -> Iterator[None]:
-    """Run a block with the RNG set to ``state``; the RNG state is restored afterwards.
-
-    Used to re-run a forward pass with the dropout masks of an earlier one.
-    """
-    cpu, devices, cuda = state
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(cpu)
-        for d, s in zip(devices, cuda, strict=True):
-            torch.cuda.set_rng_state(s, d)
-        yield
 
 
 def snapshot_buffers(model: nn.Module) -> dict[str, Tensor]:

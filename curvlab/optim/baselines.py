@@ -17,12 +17,7 @@ from torch import Tensor, nn
 
 from curvlab.func import select_params
 from curvlab.func.params import ParamsArg
-from curvlab.optim._common import (
-    new_counters,
-    restore_buffers,
-    snapshot_buffers,
-    warn_skip,
-)
+from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
 __all__ = ["TorchOptimizer"]
 
@@ -31,7 +26,7 @@ class _NonFinite(Exception):
     pass
 
 
-class TorchOptimizer:
+class TorchOptimizer(CurvatureOptimizer):
     """A ``torch.optim`` optimizer with ``loss = opt.step(inputs, targets)`` and counters.
 
     Args:
@@ -40,6 +35,10 @@ class TorchOptimizer:
         optimizer_cls: A ``torch.optim.Optimizer`` subclass (SGD, Adam, LBFGS, ...).
         params: Parameter selection (default: all trainable parameters).
         **kwargs: Passed to ``optimizer_cls``.
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own (the same
+    objects), so ``torch.optim.lr_scheduler`` schedulers drive it; ``state_dict()`` is the
+    wrapped optimizer's plus the ``"curvlab"`` entry.
 
     A non-finite loss or gradient skips the step (parameters, buffers and optimizer state
     untouched) with a warning. For LBFGS only the first evaluation of a step is checked;
@@ -71,12 +70,16 @@ class TorchOptimizer:
             )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        self.model = model
-        self.loss_fn = loss_fn
-        self.params = select_params(model, params)
+        selected = select_params(model, params)
+        super().__init__(model, loss_fn, selected, {})
         self.optimizer = optimizer_cls(list(self.params.values()), **kwargs)
+        self._alias()
         self.closure_based = isinstance(self.optimizer, torch.optim.LBFGS)
-        self.counters = new_counters()
+
+    def _alias(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
 
     def _loss(self, inputs: Any, targets: Tensor) -> Tensor:
         self.optimizer.zero_grad(set_to_none=False)
@@ -85,9 +88,8 @@ class TorchOptimizer:
         self.counters["forward"] += 1
         return loss
 
-    def step(self, inputs: Any, targets: Tensor) -> Tensor:
+    def _step(self, inputs: Any, targets: Tensor) -> Tensor:
         """One optimizer step on the mini-batch; returns the loss before the update."""
-        buffers = snapshot_buffers(self.model)
         if self.closure_based:
             first: list[Tensor] = []
 
@@ -106,44 +108,57 @@ class TorchOptimizer:
             try:
                 self.optimizer.step(closure)
             except _NonFinite:
-                return self._skip(buffers, first[0], "loss")
-            self.counters["steps"] += 1
+                self._skip(first[0], "loss")
             return first[0]
 
         with torch.enable_grad():
             loss = self._loss(inputs, targets)
             if not math.isfinite(float(loss.detach())):
-                return self._skip(buffers, loss.detach(), "loss")
+                self._skip(loss.detach(), "loss")
             loss.backward()
         self.counters["backward"] += 1
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return self._skip(buffers, loss.detach(), "gradient")
+            self._skip(loss.detach(), "gradient")
         self.optimizer.step()
-        self.counters["steps"] += 1
         return loss.detach()
 
-    def _skip(self, buffers: dict[str, Tensor], loss: Tensor, what: str) -> Tensor:
-        restore_buffers(self.model, buffers)
+    def _skip(self, loss: Tensor, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=False)
-        self.counters["skipped_steps"] += 1
-        warn_skip(f"TorchOptimizer({type(self.optimizer).__name__})", what,
-                  self.counters["skipped_steps"])
-        return loss
+        raise SkipStep(f"{what} ({type(self.optimizer).__name__})", loss)
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state plus counters."""
+        """The wrapped optimizer's ``state`` and ``param_groups`` (copied) plus ``"curvlab"``."""
         import copy
 
-        return {"optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "counters": dict(self.counters)}
+        sd = copy.deepcopy(self.optimizer.state_dict())
+        sd["curvlab"] = {"counters": dict(self.counters), "param_names": list(self.params),
+                         "diagnostics": dict(self.diagnostics)}
+        return sd
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (copied: the same state can seed several optimizers)."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (copied: the same state can seed several optimizers).
+
+        The old layout ``{"optimizer": ..., "counters": ...}`` is still accepted."""
         import copy
 
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        self.counters = dict(state["counters"])
+        if "optimizer" in state_dict and "curvlab" not in state_dict:
+            self.optimizer.load_state_dict(copy.deepcopy(state_dict["optimizer"]))
+            self.counters = dict(state_dict["counters"])
+        else:
+            if "curvlab" not in state_dict:
+                raise ValueError("TorchOptimizer.load_state_dict: not a curvlab optimizer "
+                                 "state (no 'curvlab' entry)")
+            extra = state_dict["curvlab"]
+            if extra["param_names"] != list(self.params):
+                raise ValueError(f"TorchOptimizer.load_state_dict: state is for parameters "
+                                 f"{extra['param_names']}, this optimizer has "
+                                 f"{list(self.params)}")
+            self.optimizer.load_state_dict(copy.deepcopy(
+                {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}))
+            self.counters = dict(extra["counters"])
+            self.diagnostics = dict(extra.get("diagnostics", {}))
+        self._alias()
 
     def __repr__(self) -> str:
         return f"TorchOptimizer({type(self.optimizer).__name__}, {self.optimizer.defaults})"

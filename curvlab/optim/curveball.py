@@ -30,8 +30,8 @@ same linearization, no second forward),
 step ``ρ = 0``, ``β = gᵀg / gᵀĤg``. A user-fixed ``ρ`` or ``β`` is never overwritten; if only
 one is fixed the other is the 1-D minimiser given it.
 
-λ (Levenberg–Marquardt style, reference semantics): on steps with ``count % lambda_interval ==
-0`` (``count`` starts at 0), after the update,
+λ (``damping``, Levenberg–Marquardt style, reference semantics): on steps with
+``steps % lambda_interval == 0`` (``steps`` starts at 0), after the update,
 :math:`\gamma = (f(w_{new}) - f(w_{old}))/M` on the *same* mini-batch, with the predicted change
 :math:`M = \hat f(\mathrm{lr}\,z_{new}) - \hat f(0)` (equals the reference
 :math:`-\tfrac12(\beta b_1 - \rho b_2)` for ``lr = 1`` and automatic ``ρ, β``); with
@@ -43,7 +43,7 @@ original does).
 
 Choices where the references disagree (see ``papers/curveball.md``):
 
-* initial ``lambd = 1.0`` (MATLAB ``CurveBall.m`` and the PyTorch examples' CLI; the PyTorch
+* initial ``damping = 1.0`` (MATLAB ``CurveBall.m`` and the PyTorch examples' CLI; the PyTorch
   constructor uses 10, the README's no-BN example passes 10);
 * λ adaptation applies to every loss (MATLAB restricts it to ``'logistic'``); turn it off with
   ``auto_lambda=False`` (the toy-problem configurations do);
@@ -60,19 +60,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func import linearize, loss_rule, select_params
+from curvlab.func import linearize, loss_rule
 from curvlab.func.params import ParamsArg
-from curvlab.optim._common import (
-    check_hyper,
-    dot64,
-    evaluate_output,
-    is_finite,
-    new_counters,
-    restore_buffers,
-    rng_state,
-    snapshot_buffers,
-    warn_skip,
-)
+from curvlab.operators.local import LocalGGN
+from curvlab.optim._common import check_hyper, dot64, evaluate_output, is_finite, rng_state
+from curvlab.optim._compat import deprecated_alias, renamed_kwargs
+from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
 __all__ = ["CurveBall", "ResidualModel"]
 
@@ -117,7 +110,7 @@ class ResidualModel(nn.Module):
         return r.reshape(1, -1)
 
 
-class CurveBall:
+class CurveBall(CurvatureOptimizer):
     r"""The CurveBall optimizer (see the module docstring for the exact update).
 
     Args:
@@ -126,7 +119,8 @@ class CurveBall:
             ``BCEWithLogitsLoss`` use closed-form ``H_L`` (``curvlab.func.loss_rule``), others
             autodiff.
         lr: Outer step size ``w ← w + lr·z`` (1 in the paper's runs; 0.5 for Rosenbrock).
-        lambd: Initial damping ``λ >= 0``.
+        damping: Initial damping ``λ >= 0`` (adapted in ``param_groups[...]["damping"]``).
+            The old keyword ``lambd`` still works for one release (``DeprecationWarning``).
         momentum: ``ρ``; ``None`` = automatic each step (2×2 system), a number fixes it.
         beta: ``β``; ``None`` = automatic, a number fixes it.
         auto_lambda: Adapt ``λ`` by the ratio test every ``lambda_interval`` steps.
@@ -136,8 +130,14 @@ class CurveBall:
             trainable parameters.
         engine: Linearization engine passed to :func:`curvlab.func.linearize`.
 
+    ``lr``, ``damping``, ``momentum``, ``beta`` and ``weight_decay`` live in ``param_groups``
+    (one value over all groups: CurveBall's vector is global), so ``torch.optim.lr_scheduler``
+    drives them. The velocity ``z`` is ``state[p]["z"]``. The products come from one
+    :class:`curvlab.operators.LocalGGN` per step.
+
     Counters (``opt.counters``): ``forward`` (model forwards, including the λ test), ``jvp``,
     ``backward``, ``ggn_products`` (1 per step: ``Ĥz``), ``steps``, ``skipped_steps``.
+    ``diagnostics``: ``rho``, ``beta``, ``damping``, ``predicted_change``, ``ratio``.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -149,13 +149,15 @@ class CurveBall:
         True
     """
 
+    global_hypers = ("lr", "damping", "momentum", "beta", "weight_decay")
+
     def __init__(
         self,
         model: nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         *,
         lr: float = 1.0,
-        lambd: float = 1.0,
+        damping: float | None = None,
         momentum: float | None = None,
         beta: float | None = None,
         auto_lambda: bool = True,
@@ -165,15 +167,19 @@ class CurveBall:
         weight_decay: float = 0.0,
         params: ParamsArg = None,
         engine: str = "auto",
+        **deprecated: Any,
     ) -> None:
-        self.params = select_params(model, params)
-        self.model = model
+        damping = renamed_kwargs("CurveBall", deprecated, {"lambd": "damping"},
+                                 {"damping": damping}).get("damping", damping)
+        defaults = {
+            "lr": check_hyper("lr", lr, minimum=0.0, strict=True),
+            "damping": check_hyper("damping", 1.0 if damping is None else damping, minimum=0.0),
+            "momentum": check_hyper("momentum", momentum, allow_none=True),
+            "beta": check_hyper("beta", beta, allow_none=True),
+            "weight_decay": check_hyper("weight_decay", weight_decay, minimum=0.0),
+        }
+        super().__init__(model, loss_fn, params, defaults)
         self.rule = loss_rule(loss_fn)
-        self.loss_fn = loss_fn
-        self.lr = check_hyper("lr", lr, minimum=0.0, strict=True)
-        self.lambd = check_hyper("lambd", lambd, minimum=0.0)
-        self.momentum = check_hyper("momentum", momentum, allow_none=True)
-        self.beta = check_hyper("beta", beta, allow_none=True)
         if not isinstance(auto_lambda, bool):
             raise TypeError(f"auto_lambda must be a bool, got {type(auto_lambda).__name__}")
         self.auto_lambda = auto_lambda
@@ -193,19 +199,12 @@ class CurveBall:
         if low > high:
             raise ValueError(f"lambda_thresholds must satisfy low <= high, got {lambda_thresholds}")
         self.lambda_thresholds = (low, high)
-        self.weight_decay = check_hyper("weight_decay", weight_decay, minimum=0.0)
         if engine not in ("auto", "layerwise", "functional"):
             raise ValueError(f"engine must be 'auto', 'layerwise' or 'functional', got {engine!r}")
         self.engine = engine
         self._residual = isinstance(model, ResidualModel)
-        self.z = [torch.zeros_like(p) for p in self.params.values()]
-        self.count = 0
-        self.counters = new_counters()
-        #: Diagnostics of the last step: rho, beta, lambd, M, ratio (None when not computed).
-        self.last: dict[str, float | None] = {
-            "rho": None, "beta": None, "lambd": self.lambd, "predicted_change": None,
-            "ratio": None,
-        }
+        self.diagnostics = {"rho": None, "beta": None, "damping": defaults["damping"],
+                            "predicted_change": None, "ratio": None}
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -225,7 +224,7 @@ class CurveBall:
             >>> def res(p, eps):
             ...     u, v = p[0]
             ...     return torch.stack([10 * eps * (v - u**2), 1 - u])
-            >>> opt = CurveBall.for_residuals(res, [w], lambd=0.1, lr=0.5, auto_lambda=False)
+            >>> opt = CurveBall.for_residuals(res, [w], damping=0.1, lr=0.5, auto_lambda=False)
             >>> for _ in range(300):
             ...     loss = opt.step(1.0)
             >>> bool(loss < 1e-4)
@@ -235,15 +234,26 @@ class CurveBall:
         return cls(ResidualModel(residual_fn, params), nn.MSELoss(reduction="sum"), **kwargs)
 
     # ------------------------------------------------------------------------------------
+    @property
+    def velocity(self) -> list[Tensor]:
+        """``z``, one tensor per selected parameter (``state[p]["z"]``; zeros before step 1)."""
+        return [self.state[p]["z"] if "z" in self.state[p] else torch.zeros_like(p)
+                for p in self.params.values()]
+
+    def _set_velocity(self, z: Sequence[Tensor]) -> None:
+        for p, zi in zip(self.params.values(), z, strict=True):
+            self.state[p]["z"] = zi
+
     def _objective(self, out: Tensor, targets: Tensor, weights: list[Tensor]) -> Tensor:
         loss = self.rule.value(out, targets).detach().to(torch.float64)
-        if self.weight_decay:
-            loss = loss + 0.5 * self.weight_decay * dot64(weights, weights)
+        wd = self.hyper("weight_decay")
+        if wd:
+            loss = loss + 0.5 * wd * dot64(weights, weights)
         return loss
 
     def _solve(self, A: Tensor, b: Tensor) -> tuple[float, float]:
         """``(ρ, β)`` from the float64 2×2 system, honouring user-fixed values."""
-        rho_fixed, beta_fixed = self.momentum, self.beta
+        rho_fixed, beta_fixed = self.hyper("momentum"), self.hyper("beta")
         if rho_fixed is None and beta_fixed is None:
             x = torch.linalg.pinv(A) @ b
             return -float(x[1]), float(x[0])
@@ -256,41 +266,47 @@ class CurveBall:
         # beta fixed: A22 (−ρ) = b2 − A12 β
         return (-(b2 - a12 * beta_fixed) / a22 if a22 > 0 else 0.0), beta_fixed
 
-    def _products(self, lin: Any, out: Tensor, targets: Tensor, weights: list[Tensor],
-                  count: bool) -> tuple[list[Tensor], Tensor]:
-        """``Δz`` and the float64 CPU vector ``(A11, A12, A22, b1, b2)`` at the linearization."""
-        grad_out = self.rule.grad(out, targets)
-        mu = self.lambd + self.weight_decay
-        wd = self.weight_decay
-        z = self.z
+    def _products(self, G: LocalGGN, weights: list[Tensor], count: bool
+                  ) -> tuple[list[Tensor], Tensor]:
+        """``Δz`` and the float64 CPU vector ``(A11, A12, A22, b1, b2)`` at ``G``'s point."""
+        out = G.output
+        wd = self.hyper("weight_decay")
+        mu = self.hyper("damping") + wd
+        z = self.velocity
         z_is_zero = not bool(torch.stack([t.any() for t in z]).any())
         if z_is_zero:
             u = torch.zeros_like(out)
             hu = u
         else:
-            u = lin.jvp(z)
-            hu = self.rule.hessian_vp(out, targets, u)
-        dz = lin.vjp(hu + grad_out, retain_graph=False)
+            u = G.jvp(z)
+            hu = G.output_hvp(u)
+        dz = G.vjp(hu + G.grad_output, retain_graph=False)
         if mu or wd:
             dz = [d + mu * zi + wd * w if wd else d + mu * zi
                   for d, zi, w in zip(dz, z, weights, strict=True)]
-        v = lin.jvp(dz)
-        hv = self.rule.hessian_vp(out, targets, v)
+        v = G.jvp(dz)
         if count:
             self.counters["jvp"] += 1 if z_is_zero else 2
             self.counters["backward"] += 1
             self.counters["ggn_products"] += 1
         entries = [
-            torch.sum(v * hv, dtype=torch.float64) + mu * dot64(dz, dz),
-            torch.sum(u * hv, dtype=torch.float64) + mu * dot64(dz, z),
-            torch.sum(u * hu, dtype=torch.float64) + mu * dot64(z, z),
-            torch.sum(grad_out * v, dtype=torch.float64),
-            torch.sum(grad_out * u, dtype=torch.float64),
+            G.quadratic(v, v) + mu * dot64(dz, dz),
+            G.quadratic(u, v) + mu * dot64(dz, z),
+            G.quadratic(u, u) + mu * dot64(z, z),
+            G.gradient_dot(v),
+            G.gradient_dot(u),
         ]
         if wd:
             entries[3] = entries[3] + wd * dot64(weights, dz)
             entries[4] = entries[4] + wd * dot64(weights, z)
         return dz, torch.stack([e.to(torch.float64) for e in entries]).cpu()
+
+    def _local_ggn(self, inputs: Any, targets: Tensor | None, update_buffers: bool
+                   ) -> tuple[LocalGGN, Tensor]:
+        lin = linearize(self.model, self.params, inputs, update_buffers=update_buffers,
+                        engine=self.engine)
+        targets = self._targets(lin.output.detach(), targets)
+        return LocalGGN.from_linearization(lin, self.rule, targets), targets
 
     def quadratic_model(self, inputs: Any, targets: Tensor | None = None) -> dict[str, Any]:
         r"""``Δz``, ``A``, ``b`` and the loss at the current ``w`` and ``z``, changing nothing.
@@ -299,16 +315,12 @@ class CurveBall:
         the parameters) is :math:`\hat H z + g`, ``A`` (2×2) and ``b`` (2,) the float64 system
         of the module docstring.
         """
-        lin = linearize(self.model, self.params, inputs, update_buffers=False,
-                        engine=self.engine)
-        out = lin.output.detach()
-        targets = self._targets(out, targets)
-        self.rule.check(out, targets)
+        G, targets = self._local_ggn(inputs, targets, update_buffers=False)
         weights = [p.detach() for p in self.params.values()]
-        dz, vals = self._products(lin, out, targets, weights, count=False)
+        dz, vals = self._products(G, weights, count=False)
         a11, a12, a22, b1, b2 = vals.tolist()
         return {
-            "loss": self.rule.value(out, targets).detach(),
+            "loss": G.loss,
             "delta_z": dz,
             "A": torch.tensor([[a11, a12], [a12, a22]], dtype=torch.float64),
             "b": torch.tensor([b1, b2], dtype=torch.float64),
@@ -333,50 +345,54 @@ class CurveBall:
         omega = self.lambda_factor**self.lambda_interval
         low, high = self.lambda_thresholds
         if ratio < low:
-            self.lambd = self.lambd / omega
+            self.set_hyper("damping", self.hyper("damping") / omega)
         elif ratio > high:
-            self.lambd = self.lambd * omega
+            self.set_hyper("damping", self.hyper("damping") * omega)
 
-    def step(self, inputs: Any, targets: Tensor | None = None) -> Tensor:
+    def step(self, inputs: Any, targets: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """One CurveBall iteration on the mini-batch; returns the loss before the update.
 
         The returned value is the data loss ``loss_fn(model(inputs), targets)`` (without the
-        ℓ2 term), detached, 0-dim.
+        ℓ2 term), detached, 0-dim. ``targets`` may be omitted for :meth:`for_residuals`.
         """
+        if targets is None and not self._residual:
+            self._targets(None, None)  # type: ignore[arg-type]  (raises the clear error)
+        return super().step(inputs, targets if targets is not None else _NO_TARGETS)
+
+    def _step(self, inputs: Any, targets: Any) -> Tensor:
+        targets = None if targets is _NO_TARGETS else targets
         params = list(self.params.values())
         weights = [p.detach() for p in params]
-        buffers = snapshot_buffers(self.model)
         rng = rng_state([*params, *[t for t in (inputs, targets) if isinstance(t, Tensor)]])
-        lin = linearize(self.model, self.params, inputs, update_buffers=True, engine=self.engine)
+        G, targets = self._local_ggn(inputs, targets, update_buffers=True)
         self.counters["forward"] += 1
-        out = lin.output.detach()
-        targets = self._targets(out, targets)
-        self.rule.check(out, targets)
-        loss = self.rule.value(out, targets).detach()
-        dz, vals = self._products(lin, out, targets, weights, count=True)
+        out = G.output
+        loss = G.loss
+        dz, vals = self._products(G, weights, count=True)
         if not (math.isfinite(float(loss)) and bool(torch.isfinite(vals).all())):
-            return self._skip(buffers, loss, "loss or curvature (loss, Δz, A or b)")
+            raise SkipStep("loss or curvature (loss, Δz, A or b)", loss)
         a11, a12, a22, b1, b2 = (float(t) for t in vals)
         A = torch.tensor([[a11, a12], [a12, a22]], dtype=torch.float64)
         b = torch.tensor([b1, b2], dtype=torch.float64)
         rho, beta = self._solve(A, b)
         if not (math.isfinite(rho) and math.isfinite(beta)):
-            return self._skip(buffers, loss, "momentum/step size from the 2x2 system")
+            raise SkipStep("momentum/step size from the 2x2 system", loss)
 
         # quadratic model change of the step actually taken, s = lr (rho z - beta dz)
+        lr = self.hyper("lr")
         x = torch.tensor([beta, -rho], dtype=torch.float64)
-        predicted = self.lr * float(-(x @ b)) + 0.5 * self.lr**2 * float(x @ A @ x)
+        predicted = lr * float(-(x @ b)) + 0.5 * lr**2 * float(x @ A @ x)
 
-        new_z = [rho * zi - beta * d for zi, d in zip(self.z, dz, strict=True)]
+        new_z = [rho * zi - beta * d for zi, d in zip(self.velocity, dz, strict=True)]
         if not is_finite(*new_z):
-            return self._skip(buffers, loss, "update direction z")
-        lambda_test = self.auto_lambda and self.count % self.lambda_interval == 0
+            raise SkipStep("update direction z", loss)
+        lambda_test = self.auto_lambda and self.steps % self.lambda_interval == 0
         # (weights alias the parameters: evaluate the old objective before the update)
         old_obj = float(self._objective(out, targets, weights)) if lambda_test else 0.0
         with torch.no_grad():
             for p, zi in zip(params, new_z, strict=True):
-                p.add_(zi, alpha=self.lr)
-        self.z = new_z
+                p.add_(zi, alpha=lr)
+        self._set_velocity(new_z)
 
         ratio = None
         if lambda_test:
@@ -386,60 +402,35 @@ class CurveBall:
             if predicted != 0.0 and math.isfinite(new_obj):
                 ratio = (new_obj - old_obj) / predicted
                 self._adapt_lambda(ratio)
-        self.last = {"rho": rho, "beta": beta, "lambd": self.lambd,
-                     "predicted_change": predicted, "ratio": ratio}
-        self.count += 1
-        self.counters["steps"] += 1
+        self.diagnostics = {"rho": rho, "beta": beta, "damping": self.hyper("damping"),
+                            "predicted_change": predicted, "ratio": ratio}
         return loss
 
-    def _skip(self, buffers: dict[str, Tensor], loss: Tensor, what: str) -> Tensor:
-        restore_buffers(self.model, buffers)
-        self.counters["skipped_steps"] += 1
-        warn_skip("CurveBall", what, self.counters["skipped_steps"])
-        return loss
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (checks the shapes of ``z``)."""
+        for (n, p), s in zip(self.params.items(), state_dict["state"].values(), strict=False):
+            zi = s.get("z") if isinstance(s, dict) else None
+            if zi is not None and zi.shape != p.shape:
+                raise ValueError(f"CurveBall.load_state_dict: z for {n!r} has shape "
+                                 f"{tuple(zi.shape)}, expected {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer state (``z``, ``λ``, step count, counters, fixed/auto ρ and β, last
-        diagnostics); tensors are cloned."""
-        return {
-            "z": [t.clone() for t in self.z],
-            "lambd": self.lambd,
-            "count": self.count,
-            "momentum": self.momentum,
-            "beta": self.beta,
-            "counters": dict(self.counters),
-            "last": dict(self.last),
-            "param_names": list(self.params),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (parameters themselves are the model's business)."""
-        names = list(self.params)
-        if state.get("param_names") != names:
-            raise ValueError(
-                f"CurveBall.load_state_dict: state is for parameters {state.get('param_names')}, "
-                f"this optimizer has {names}"
-            )
-        z = state["z"]
-        for n, zi, p in zip(names, z, self.params.values(), strict=True):
-            if zi.shape != p.shape:
-                raise ValueError(
-                    f"CurveBall.load_state_dict: z for {n!r} has shape {tuple(zi.shape)}, "
-                    f"expected {tuple(p.shape)}"
-                )
-        self.z = [zi.clone().to(device=p.device, dtype=p.dtype)
-                  for zi, p in zip(z, self.params.values(), strict=True)]
-        self.lambd = float(state["lambd"])
-        self.count = int(state["count"])
-        self.momentum = state["momentum"]
-        self.beta = state["beta"]
-        self.counters = dict(state["counters"])
-        self.last = dict(state["last"])
+    # ---- deprecated names ----------------------------------------------------------------
+    lambd = deprecated_alias("lambd", 'hyper("damping")', lambda self: self.hyper("damping"),
+                             lambda self, v: self.set_hyper("damping", float(v)))
+    count = deprecated_alias("count", "steps", lambda self: self.steps,
+                             lambda self, v: self.counters.__setitem__("steps", int(v)))
+    z = deprecated_alias("z", "velocity (state[p]['z'])", lambda self: self.velocity,
+                         lambda self, v: self._set_velocity(v))
 
     def __repr__(self) -> str:
+        g = self.param_groups[0]
         return (
-            f"CurveBall(lr={self.lr}, lambd={self.lambd}, momentum={self.momentum}, "
-            f"beta={self.beta}, auto_lambda={self.auto_lambda}, "
-            f"weight_decay={self.weight_decay})"
+            f"CurveBall(lr={g['lr']}, damping={g['damping']}, momentum={g['momentum']}, "
+            f"beta={g['beta']}, auto_lambda={self.auto_lambda}, "
+            f"weight_decay={g['weight_decay']})"
         )
+
+
+#: Marker for "no targets" (the base class's step needs a non-None argument).
+_NO_TARGETS = object()

@@ -25,21 +25,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func import flatten, loss_rule, select_params, unflatten
+from curvlab.func import flatten, loss_rule, unflatten
 from curvlab.func.params import ParamsArg, cloned_buffers
-from curvlab.optim._common import check_hyper, new_counters, warn_skip
+from curvlab.optim._common import check_hyper
+from curvlab.optim._compat import deprecated_alias, renamed_kwargs
+from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
 __all__ = ["DenseBFGS", "DenseLevenbergMarquardt"]
 
 
-class _DenseBase:
+class _DenseBase(CurvatureOptimizer):
     name = "dense"
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                 params: ParamsArg, max_params: int) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.params = select_params(model, params)
+                 params: ParamsArg, max_params: int, defaults: dict[str, Any]) -> None:
+        super().__init__(model, loss_fn, params, defaults)
         self._names = list(self.params)
         self._shapes = [p.shape for p in self.params.values()]
         n = sum(p.numel() for p in self.params.values())
@@ -49,7 +49,6 @@ class _DenseBase:
                 f"selected parameters, more than max_params={max_params}"
             )
         self.num_params = n
-        self.counters = new_counters()
 
     def _w(self) -> Tensor:
         return flatten([p.detach() for p in self.params.values()]).to(torch.float64)
@@ -69,10 +68,6 @@ class _DenseBase:
         self.counters["forward"] += 1
         return self.loss_fn(self._output(w, inputs), targets).to(torch.float64)
 
-    def _skip(self, loss: Tensor, what: str) -> Tensor:
-        self.counters["skipped_steps"] += 1
-        warn_skip(self.name, what, self.counters["skipped_steps"])
-        return loss
 
 
 class DenseLevenbergMarquardt(_DenseBase):
@@ -80,7 +75,8 @@ class DenseLevenbergMarquardt(_DenseBase):
 
     Args:
         model, loss_fn: As for every curvlab optimizer.
-        lambd: Initial damping (0.01 as MATLAB's ``lsqnonlin``).
+        damping: Initial damping λ (0.01 as MATLAB's ``lsqnonlin``; old keyword ``lambd``
+            deprecated); adapted in ``param_groups[...]["damping"]``.
         factor: Damping factor on failure/success (10).
         max_tries: Damping increases per step before giving up (parameters unchanged).
         max_params: Refuse models with more parameters.
@@ -98,17 +94,22 @@ class DenseLevenbergMarquardt(_DenseBase):
     name = "DenseLevenbergMarquardt"
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
-                 lambd: float = 0.01, factor: float = 10.0, max_tries: int = 30,
-                 params: ParamsArg = None, max_params: int = 2000) -> None:
-        super().__init__(model, loss_fn, params, max_params)
+                 damping: float | None = None, factor: float = 10.0, max_tries: int = 30,
+                 params: ParamsArg = None, max_params: int = 2000, **deprecated: Any) -> None:
+        damping = renamed_kwargs(self.name, deprecated, {"lambd": "damping"},
+                                 {"damping": damping}).get("damping", damping)
+        damping = check_hyper("damping", 0.01 if damping is None else damping, minimum=0.0,
+                              strict=True)
+        super().__init__(model, loss_fn, params, max_params, {"damping": damping})
         self.rule = loss_rule(loss_fn)
-        self.lambd = check_hyper("lambd", lambd, minimum=0.0, strict=True)
         self.factor = check_hyper("factor", factor, minimum=1.0, strict=True)
         if not isinstance(max_tries, int) or max_tries < 1:
             raise ValueError(f"max_tries must be an int >= 1, got {max_tries!r}")
         self.max_tries = max_tries
 
-    def step(self, inputs: Any, targets: Tensor) -> Tensor:
+    global_hypers = ("damping",)
+
+    def _step(self, inputs: Any, targets: Tensor) -> Tensor:
         """One LM iteration; returns the loss before the update."""
         w = self._w()
         out = self._output(w, inputs).detach()
@@ -125,28 +126,24 @@ class DenseLevenbergMarquardt(_DenseBase):
         g = J2 @ self.rule.grad(out, targets).reshape(-1).to(torch.float64)
         self.counters["backward"] += 1
         if not (torch.isfinite(loss) and torch.isfinite(G).all() and torch.isfinite(g).all()):
-            return self._skip(loss, "loss or Jacobian")
+            raise SkipStep("loss or Jacobian", loss)
         eye = torch.eye(self.num_params, dtype=torch.float64, device=w.device)
         f0 = float(loss)
+        lam = self.hyper("damping")
         for _ in range(self.max_tries):
-            p = torch.linalg.solve(G + self.lambd * eye, -g)
+            p = torch.linalg.solve(G + lam * eye, -g)
             f1 = float(self._loss(w + p, inputs, targets))
             if f1 < f0:
                 self._set_w(w + p)
-                self.lambd = max(self.lambd / self.factor, 1e-15)
+                lam = max(lam / self.factor, 1e-15)
                 break
-            self.lambd *= self.factor
-        self.counters["steps"] += 1
+            lam *= self.factor
+        self.set_hyper("damping", lam)
+        self.diagnostics = {"damping": lam}
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """``λ`` and counters."""
-        return {"lambd": self.lambd, "counters": dict(self.counters)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.lambd = float(state["lambd"])
-        self.counters = dict(state["counters"])
+    lambd = deprecated_alias("lambd", 'hyper("damping")', lambda self: self.hyper("damping"),
+                             lambda self, v: self.set_hyper("damping", float(v)))
 
 
 class DenseBFGS(_DenseBase):
@@ -172,7 +169,7 @@ class DenseBFGS(_DenseBase):
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
                  c1: float = 1e-4, shrink: float = 0.5, max_backtracks: int = 40,
                  params: ParamsArg = None, max_params: int = 2000) -> None:
-        super().__init__(model, loss_fn, params, max_params)
+        super().__init__(model, loss_fn, params, max_params, {})
         self.c1 = check_hyper("c1", c1, minimum=0.0)
         self.shrink = check_hyper("shrink", shrink, minimum=0.0, strict=True)
         self.max_backtracks = max_backtracks
@@ -187,12 +184,12 @@ class DenseBFGS(_DenseBase):
         self.counters["backward"] += 1
         return loss.detach(), g
 
-    def step(self, inputs: Any, targets: Tensor) -> Tensor:
+    def _step(self, inputs: Any, targets: Tensor) -> Tensor:
         """One BFGS iteration (line search on the same mini-batch); returns the prior loss."""
         w = self._w()
         f0, g0 = self._value_and_grad(w, inputs, targets)
         if not (torch.isfinite(f0) and torch.isfinite(g0).all()):
-            return self._skip(f0, "loss or gradient")
+            raise SkipStep("loss or gradient", f0)
         if self.H is None:
             self.H = torch.eye(self.num_params, dtype=torch.float64, device=w.device)
         d = -(self.H @ g0)
@@ -222,16 +219,12 @@ class DenseBFGS(_DenseBase):
                 V = eye - rho * torch.outer(s, y)
                 self.H = V @ self.H @ V.T + rho * torch.outer(s, s)
             self._set_w(w + s)
-        self.counters["steps"] += 1
         return f0.to(next(iter(self.params.values())).dtype)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Inverse-Hessian approximation and counters."""
-        return {"H": None if self.H is None else self.H.clone(), "scaled": self._scaled,
-                "counters": dict(self.counters)}
+    def _extra_state(self) -> dict[str, Any]:
+        """The dense inverse-Hessian approximation ``H`` (flat order) and its scaling flag."""
+        return {"H": self.H, "scaled": self._scaled}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.H = None if state["H"] is None else state["H"].clone()
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.H = state["H"]
         self._scaled = bool(state["scaled"])
-        self.counters = dict(state["counters"])

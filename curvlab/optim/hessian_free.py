@@ -19,6 +19,12 @@ quadratic values, no extra product) drives Levenberg–Marquardt damping: ``ρ <
 rule (CG stops at ``max_cg_iters`` or at relative residual ``cg_tol``), preconditioning, and a
 separate curvature mini-batch. Re-evaluations replay the forward's RNG (same dropout masks) and
 do not update BatchNorm statistics.
+
+The GGN products come from one :class:`curvlab.operators.LocalGGN` per step (the operator
+handed to CG). λ is ``param_groups[...]["damping"]`` (adapted in place); ``lr`` (default 1)
+scales the accepted step ``w ← w + lr·p`` (backtracking and the ratio use the full ``p``), so
+a ``torch.optim.lr_scheduler`` can drive it. The previous CG solution (warm start) is
+``state[p]["cg_solution"]``.
 """
 
 from __future__ import annotations
@@ -30,61 +36,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func import flatten, linearize, loss_rule, select_params, unflatten
+from curvlab.func import flatten, loss_rule, unflatten
 from curvlab.func.params import ParamsArg
 from curvlab.linalg.cg import cg
-from curvlab.optim._common import (
-    check_hyper,
-    evaluate_output,
-    new_counters,
-    restore_buffers,
-    rng_state,
-    snapshot_buffers,
-    warn_skip,
-)
+from curvlab.operators.local import LocalGGN
+from curvlab.optim._common import check_hyper, evaluate_output, rng_state
+from curvlab.optim._compat import deprecated_alias, renamed_kwargs
+from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
 __all__ = ["HessianFree"]
 
 
-class _GGNOperator:
-    """Duck-typed ``(P, P)`` operator ``M ↦ G M`` (+ ``η M``) for :func:`curvlab.linalg.cg`."""
-
-    symmetric = True
-
-    def __init__(self, lin: Any, rule: Any, out: Tensor, targets: Tensor, shapes: list,
-                 counters: dict[str, int], dtype: torch.dtype) -> None:
-        self.lin, self.rule, self.out, self.targets = lin, rule, out, targets
-        self.shapes = shapes
-        self.counters = counters
-        n = sum(int(torch.Size(s).numel()) for s in shapes)
-        self.shape = (n, n)
-        self.dtype = dtype  # parameter space (under autocast the output may be bf16)
-        self.device = out.device
-
-    def __matmul__(self, M: Tensor) -> Tensor:
-        cols = []
-        for k in range(M.shape[1]):
-            v = unflatten(M[:, k], self.shapes)
-            u = self.lin.jvp(v)
-            cols.append(flatten(self.lin.vjp(self.rule.hessian_vp(self.out, self.targets, u))))
-            self.counters["jvp"] += 1
-            self.counters["backward"] += 1
-            self.counters["ggn_products"] += 1
-        return torch.stack(cols, dim=1)
-
-
-class HessianFree:
+class HessianFree(CurvatureOptimizer):
     """Hessian-free / truncated-Newton optimizer (see the module docstring).
 
     Args:
         model, loss_fn: As for every curvlab optimizer.
-        lambd: Initial damping λ.
+        damping: Initial damping λ (old keyword ``lambd``: deprecated, still accepted).
+        lr: Multiplier of the accepted step (1.0: Martens' HF).
         max_cg_iters: CG iterations per step.
         cg_tol: Relative residual tolerance of CG.
         warm_start_decay: Factor on the previous CG solution used as the initial guess.
         weight_decay: ``η`` of the ℓ2 term.
         lambda_thresholds, lambda_factors: ``(1/4, 3/4)`` and ``(3/2, 2/3)``.
         params, engine: Parameter selection and linearization engine.
+
+    ``diagnostics``: ``cg_iters``, ``backtracked_to``, ``ratio``, ``damping``, ``accepted``.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -96,12 +73,15 @@ class HessianFree:
         True
     """
 
+    global_hypers = ("lr", "damping", "weight_decay")
+
     def __init__(
         self,
         model: nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         *,
-        lambd: float = 1.0,
+        damping: float | None = None,
+        lr: float = 1.0,
         max_cg_iters: int = 50,
         cg_tol: float = 1e-6,
         warm_start_decay: float = 0.95,
@@ -110,31 +90,39 @@ class HessianFree:
         lambda_factors: tuple[float, float] = (1.5, 2.0 / 3.0),
         params: ParamsArg = None,
         engine: str = "auto",
+        **deprecated: Any,
     ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
+        damping = renamed_kwargs("HessianFree", deprecated, {"lambd": "damping"},
+                                 {"damping": damping}).get("damping", damping)
+        defaults = {
+            "lr": check_hyper("lr", lr, minimum=0.0, strict=True),
+            "damping": check_hyper("damping", 1.0 if damping is None else damping, minimum=0.0),
+            "weight_decay": check_hyper("weight_decay", weight_decay, minimum=0.0),
+        }
+        super().__init__(model, loss_fn, params, defaults)
         self.rule = loss_rule(loss_fn)
-        self.params = select_params(model, params)
-        self.lambd = check_hyper("lambd", lambd, minimum=0.0)
         if isinstance(max_cg_iters, bool) or not isinstance(max_cg_iters, int) \
                 or max_cg_iters < 1:
             raise ValueError(f"max_cg_iters must be an int >= 1, got {max_cg_iters!r}")
         self.max_cg_iters = max_cg_iters
         self.cg_tol = check_hyper("cg_tol", cg_tol, minimum=0.0)
         self.warm_start_decay = check_hyper("warm_start_decay", warm_start_decay, minimum=0.0)
-        self.weight_decay = check_hyper("weight_decay", weight_decay, minimum=0.0)
         self.lambda_thresholds = tuple(float(t) for t in lambda_thresholds)
         self.lambda_factors = tuple(float(f) for f in lambda_factors)
         self.engine = engine
         self.shapes = [p.shape for p in self.params.values()]
-        self.p_prev: Tensor | None = None
-        self.counters = new_counters()
-        self.last: dict[str, Any] = {}
+
+    @property
+    def p_prev(self) -> Tensor | None:
+        """The previous step's final CG solution, flat (``None`` before the first step)."""
+        parts = [self.state[p].get("cg_solution") for p in self.params.values()]
+        return None if parts[0] is None else flatten(parts)
 
     def _objective(self, out: Tensor, targets: Tensor, w: Tensor) -> float:
         f = float(self.rule.value(out, targets))
-        if self.weight_decay:
-            f += 0.5 * self.weight_decay * float(w @ w)
+        wd = self.hyper("weight_decay")
+        if wd:
+            f += 0.5 * wd * float(w @ w)
         return f
 
     def _set(self, w: Tensor) -> None:
@@ -142,29 +130,23 @@ class HessianFree:
             for p, v in zip(self.params.values(), unflatten(w, self.shapes), strict=True):
                 p.copy_(v)
 
-    def step(self, inputs: Any, targets: Tensor) -> Tensor:
-        """One HF iteration; returns the mini-batch loss before the update."""
+    def _step(self, inputs: Any, targets: Tensor) -> Tensor:
         params = list(self.params.values())
-        buffers = snapshot_buffers(self.model)
+        wd = self.hyper("weight_decay")
         rng = rng_state([*params, *[t for t in (inputs, targets) if isinstance(t, Tensor)]])
-        lin = linearize(self.model, self.params, inputs, update_buffers=True, engine=self.engine)
-        self.counters["forward"] += 1
-        out = lin.output.detach()
-        self.rule.check(out, targets)
-        loss = self.rule.value(out, targets).detach()
+        G = LocalGGN(self.model, self.rule, self.params, inputs, targets, update_buffers=True,
+                     engine=self.engine)
+        out = G.output
+        loss = G.loss
         w0 = flatten([p.detach() for p in params]).clone()
-        g = flatten(lin.vjp(self.rule.grad(out, targets)))
-        self.counters["backward"] += 1
-        if self.weight_decay:
-            g = g + self.weight_decay * w0
+        g = flatten(G.gradient())
+        if wd:
+            g = g + wd * w0
         if not (math.isfinite(float(loss)) and bool(torch.isfinite(g).all())):
-            restore_buffers(self.model, buffers)
-            self.counters["skipped_steps"] += 1
-            warn_skip("HessianFree", "loss or gradient", self.counters["skipped_steps"])
-            return loss
-        op = _GGNOperator(lin, self.rule, out, targets, self.shapes, self.counters,
-                          params[0].dtype)
-        x0 = None if self.p_prev is None else self.warm_start_decay * self.p_prev
+            self._add_counts(G)
+            raise SkipStep("loss or gradient", loss)
+        p_prev = self.p_prev
+        x0 = None if p_prev is None else self.warm_start_decay * p_prev
         keep = {math.ceil(1.3**k) for k in range(60)}
         stored: dict[int, Tensor] = {}
 
@@ -172,9 +154,10 @@ class HessianFree:
             if i in keep:
                 stored[i] = x.clone()
 
-        damping = self.lambd + self.weight_decay
-        res = cg(op, -g, damping=damping, x0=x0, tol=self.cg_tol, max_iter=self.max_cg_iters,
+        damping = self.hyper("damping") + wd
+        res = cg(G, -g, damping=damping, x0=x0, tol=self.cg_tol, max_iter=self.max_cg_iters,
                  callback=callback)
+        self._add_counts(G)
         stored[res.num_iter] = res.x.clone()
         if res.num_iter == 0 and x0 is not None:
             stored[0] = x0.clone()
@@ -198,27 +181,25 @@ class HessianFree:
         ratio = (best_f - f0) / q if q < 0 else -math.inf
         low, high = self.lambda_thresholds
         up, down = self.lambda_factors
+        lam = self.hyper("damping")
         if not math.isfinite(best_f) or not ratio > low:
-            self.lambd *= up
+            lam *= up
         elif ratio > high:
-            self.lambd *= down
+            lam *= down
+        self.set_hyper("damping", lam)
         accepted = math.isfinite(best_f) and best_f < f0
-        self._set(w0 + p if accepted else w0)
+        lr = self.hyper("lr")
+        self._set((w0 + p if lr == 1.0 else w0 + lr * p) if accepted else w0)
         if bool(torch.isfinite(res.x).all()):
-            self.p_prev = res.x.clone()
-        self.last = {"cg_iters": res.num_iter, "backtracked_to": best_i, "ratio": ratio,
-                     "lambd": self.lambd, "accepted": accepted}
-        self.counters["steps"] += 1
+            for prm, part in zip(params, unflatten(res.x.clone(), self.shapes), strict=True):
+                self.state[prm]["cg_solution"] = part
+        self.diagnostics = {"cg_iters": res.num_iter, "backtracked_to": best_i, "ratio": ratio,
+                            "damping": lam, "accepted": accepted}
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """``λ``, previous CG solution, counters."""
-        return {"lambd": self.lambd,
-                "p_prev": None if self.p_prev is None else self.p_prev.clone(),
-                "counters": dict(self.counters)}
+    def _add_counts(self, G: LocalGGN) -> None:
+        for k, v in G.counts.items():
+            self.counters[k] += v
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.lambd = float(state["lambd"])
-        self.p_prev = None if state["p_prev"] is None else state["p_prev"].clone()
-        self.counters = dict(state["counters"])
+    lambd = deprecated_alias("lambd", 'hyper("damping")', lambda self: self.hyper("damping"),
+                             lambda self, v: self.set_hyper("damping", float(v)))

@@ -3,17 +3,19 @@ r"""Exact damped natural gradient with the dense mini-batch Fisher/GGN (small mo
 Each step builds the dense curvature of the batch loss ``L = loss_fn(model(x), y)`` (the loss's
 own reduction, curvlab's flat parameter order):
 
-* ``curvature='ggn'`` (default): :math:`F = J^\top H_L J`, equal to the Fisher of the model's
-  predictive distribution for cross-entropy, MSE (Gaussian with variance 1/2) and
+* ``fisher='type2'`` (default): :math:`F = J^\top H_L J`, the GGN, equal to the Fisher of the
+  model's predictive distribution for cross-entropy, MSE (Gaussian with variance 1/2) and
   BCE-with-logits;
-* ``curvature='empirical'``: :math:`F = w \sum_n g_n g_n^\top` (``g_n`` the gradient of example
+* ``fisher='empirical'``: :math:`F = w \sum_n g_n g_n^\top` (``g_n`` the gradient of example
   ``n``'s own loss, ``w = 1/N`` for ``'mean'``, 1 for ``'sum'``),
 
 from explicit Jacobian rows (``Linearization.vjp_batched`` over unit output cotangents in
 chunks; BatchNorm's cross-example coupling is therefore exact) and takes
 :math:`\theta \leftarrow \theta - \mathrm{lr}\, b`, :math:`b \leftarrow \mu b + (F + \lambda
 I)^{-1}(g + \eta\theta)` solved by Cholesky (in ``solve_dtype``, float64 by default; a failed
-factorization retries with 10× more damping, up to 3 times, then skips the step). Refuses
+factorization retries with 10× more damping, up to 3 times, then skips the step). The GGN,
+gradient and Jacobian rows come from :class:`curvlab.operators.LocalGGN`. The old keyword
+``curvature='ggn' | 'empirical'`` still works for one release (``DeprecationWarning``). Refuses
 models with more than ``max_params`` selected parameters (``P² `` memory, ``P³`` time).
 """
 
@@ -27,34 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.func.linearize import linearize
 from curvlab.func.losses import AutodiffLossRule, loss_rule
 from curvlab.func.params import ParamsArg, select_params
 from curvlab.kfac import FactorCapture, find_layers
-from curvlab.optim._common import (
-    check_hyper,
-    is_finite,
-    new_counters,
-    restore_buffers,
-    snapshot_buffers,
-    warn_skip,
-)
+from curvlab.operators.local import LocalGGN
+from curvlab.optim._common import check_hyper, is_finite
+from curvlab.optim._compat import deprecated_alias, renamed_kwargs
+from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
 __all__ = ["NaturalGradient", "dense_curvature"]
-
-
-def _jacobian_rows(lin, out: Tensor, chunk: int) -> Tensor:
-    """Jacobian of ``out`` (all entries, row-major) w.r.t. the selected parameters,
-    ``(out.numel(), P)``."""
-    m = out.numel()
-    rows = []
-    for start in range(0, m, chunk):
-        stop = min(start + chunk, m)
-        cot = torch.zeros(stop - start, m, dtype=out.dtype, device=out.device)
-        cot[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        grads = lin.vjp_batched(cot.reshape(stop - start, *out.shape))
-        rows.append(torch.cat([g.reshape(stop - start, -1) for g in grads], dim=1))
-    return torch.cat(rows)
 
 
 def _per_example_path(model: nn.Module, selected: dict[str, Tensor]):
@@ -93,6 +76,22 @@ def _per_example_matrix(layers, cap: FactorCapture, names: list[str], selected, 
     return torch.cat([parts[n] for n in names], dim=1)
 
 
+_OLD_CURVATURE = {"ggn": "type2", "empirical": "empirical"}
+_FISHERS = ("type2", "empirical")
+
+
+def _fisher_arg(who: str, fisher: str | None, deprecated: dict[str, Any]) -> str:
+    old = "curvature" in deprecated
+    fisher = renamed_kwargs(who, deprecated, {"curvature": "fisher"},
+                            {"fisher": fisher}).get("fisher", fisher)
+    if old:
+        fisher = _OLD_CURVATURE.get(fisher, fisher)
+    fisher = "type2" if fisher is None else fisher
+    if fisher not in _FISHERS:
+        raise ValueError(f"{who}: fisher must be 'type2' or 'empirical', got {fisher!r}")
+    return fisher
+
+
 def dense_curvature(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -100,10 +99,14 @@ def dense_curvature(
     targets: Tensor,
     *,
     params: ParamsArg = None,
-    curvature: str = "ggn",
+    fisher: str | None = None,
     chunk_size: int = 256,
+    **deprecated: Any,
 ) -> Tensor:
-    r"""Dense ``P × P`` GGN or empirical Fisher of the batch loss (curvlab flat order).
+    r"""Dense ``P × P`` GGN (``fisher='type2'``) or empirical Fisher of the batch loss.
+
+    Curvlab flat order; the loss's own reduction (see the module docstring). Buffers are not
+    updated. ``curvature='ggn' | 'empirical'`` is the deprecated spelling.
 
     Example:
         >>> net = torch.nn.Linear(2, 3)
@@ -112,31 +115,24 @@ def dense_curvature(
         >>> F.shape, bool(torch.allclose(F, F.T))
         (torch.Size([9, 9]), True)
     """
-    selected = select_params(model, params)
-    lin = linearize(model, selected, inputs)
-    return _curvature_from(lin, loss_rule(loss_fn), targets, curvature, chunk_size)
+    fisher = _fisher_arg("dense_curvature", fisher, deprecated)
+    G = LocalGGN(model, loss_rule(loss_fn), select_params(model, params), inputs, targets)
+    return _curvature_from(G, fisher, chunk_size)
 
 
-def _curvature_from(lin, rule, targets: Tensor, curvature: str, chunk: int) -> Tensor:
-    out = lin.output.detach()
-    rule.check(out, targets)
-    jac = _jacobian_rows(lin, out, chunk)  # (M, P)
-    m = out.numel()
-    if curvature == "ggn":
-        # H_L J: loss-Hessian products on each column of J (reshaped like the output)
-        cols = jac.T.reshape(-1, *out.shape)
-        hj = torch.func.vmap(lambda v: rule.hessian_vp(out, targets, v))(cols)
-        return jac.T @ hj.reshape(-1, m).T
-    if curvature == "empirical":
-        n = out.shape[0]
-        g = rule.per_example_grads(out, targets).reshape(n, -1)  # (N, m/N)
-        per = torch.einsum("nk,nkp->np", g, jac.reshape(n, -1, jac.shape[1]))
-        w = 1.0 / n if rule.reduction == "mean" else 1.0
-        return w * per.T @ per
-    raise ValueError(f"curvature must be 'ggn' or 'empirical', got {curvature!r}")
+def _curvature_from(G: LocalGGN, fisher: str, chunk: int) -> Tensor:
+    if fisher == "type2":
+        return G.to_dense(chunk_size=chunk)
+    out, rule = G.output, G.rule
+    jac = G.jacobian(chunk)  # (M, P)
+    n = out.shape[0]
+    g = rule.per_example_grads(out, G.targets).reshape(n, -1)  # (N, m/N)
+    per = torch.einsum("nk,nkp->np", g, jac.reshape(n, -1, jac.shape[1]))
+    w = 1.0 / n if rule.reduction == "mean" else 1.0
+    return w * per.T @ per
 
 
-class NaturalGradient:
+class NaturalGradient(CurvatureOptimizer):
     r"""Exact damped natural-gradient descent on small models (dense ``F``, Cholesky solve).
 
     Args:
@@ -146,7 +142,8 @@ class NaturalGradient:
         damping: ``λ`` added to the curvature.
         momentum: Heavy-ball momentum on the natural-gradient direction.
         weight_decay: ``η``: ℓ2 term ``(η/2)‖θ‖²`` (gradient ``ηθ``, curvature ``+ηI``).
-        curvature: ``'ggn'`` (= Fisher for the supported likelihood losses) or ``'empirical'``.
+        fisher: ``'type2'`` (the GGN = Fisher for the supported likelihood losses) or
+            ``'empirical'`` (old keyword ``curvature='ggn' | 'empirical'``: deprecated).
         solve_dtype: dtype of the dense solve (float64 default).
         max_params: Refuse (``ValueError``) models with more selected parameters.
         params: Parameter selection (default all trainable).
@@ -156,6 +153,10 @@ class NaturalGradient:
             interact) and a closed-form loss rule; per-example gradients of each square-root
             column of ``H_L`` come from the layer inputs and output derivatives (one backward per
             column). Otherwise explicit Jacobian rows (batched backward over unit cotangents).
+
+    ``lr``, ``momentum``, ``damping`` and ``weight_decay`` live in ``param_groups`` (``lr`` and
+    ``momentum`` may differ between groups); the heavy-ball buffer is
+    ``state[p]["momentum_buffer"]``.
 
     Counters: ``forward``, ``backward`` (gradient + Jacobian chunks), ``steps``,
     ``skipped_steps``, ``jvp`` and ``ggn_products`` (0: dense).
@@ -170,6 +171,8 @@ class NaturalGradient:
         True
     """
 
+    global_hypers = ("damping", "weight_decay")
+
     def __init__(
         self,
         model: nn.Module,
@@ -179,17 +182,23 @@ class NaturalGradient:
         damping: float = 1e-3,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        curvature: str = "ggn",
+        fisher: str | None = None,
         solve_dtype: torch.dtype = torch.float64,
         max_params: int = 5000,
         params: ParamsArg = None,
         chunk_size: int = 256,
         per_example: bool = True,
+        **deprecated: Any,
     ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
+        fisher = _fisher_arg("NaturalGradient", fisher, deprecated)
+        defaults = {
+            "lr": check_hyper("lr", lr, minimum=0.0, strict=True),
+            "damping": check_hyper("damping", damping, minimum=0.0),
+            "momentum": check_hyper("momentum", momentum, minimum=0.0),
+            "weight_decay": check_hyper("weight_decay", weight_decay, minimum=0.0),
+        }
+        super().__init__(model, loss_fn, params, defaults)
         self.rule = loss_rule(loss_fn)
-        self.params = select_params(model, params)
         count = sum(p.numel() for p in self.params.values())
         if count > max_params:
             raise ValueError(
@@ -198,22 +207,13 @@ class NaturalGradient:
                 "curvlab.optim.KFACOptimizer, select fewer params=, or raise max_params"
             )
         self.num_params = count
-        self.lr = check_hyper("lr", lr, minimum=0.0, strict=True)
-        self.damping = check_hyper("damping", damping, minimum=0.0)
-        self.momentum = check_hyper("momentum", momentum, minimum=0.0)
-        self.weight_decay = check_hyper("weight_decay", weight_decay, minimum=0.0)
-        if curvature not in ("ggn", "empirical"):
-            raise ValueError(f"curvature must be 'ggn' or 'empirical', got {curvature!r}")
-        self.curvature = curvature
+        self.fisher = fisher
         if solve_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"solve_dtype must be torch.float32 or float64, got {solve_dtype}")
         self.solve_dtype = solve_dtype
         self.chunk_size = int(chunk_size)
         self.per_example = bool(per_example)
         self._fast_layers = _per_example_path(model, self.params) if self.per_example else None
-        self.buf = [torch.zeros_like(p) for p in self.params.values()]
-        self.count = 0
-        self.counters = new_counters()
 
     def direction(self, inputs: Any, targets: Tensor, *, update_buffers: bool = False
                   ) -> tuple[Tensor, list[Tensor] | None]:
@@ -232,7 +232,7 @@ class NaturalGradient:
         if not bool(torch.isfinite(F).all()):
             return loss, None
         eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
-        lam = self.damping + self.weight_decay
+        lam = self.hyper("damping") + self.hyper("weight_decay")
         sol = None
         for attempt in range(4):
             L, info = torch.linalg.cholesky_ex(F + (lam * 10**attempt) * eye)
@@ -247,25 +247,25 @@ class NaturalGradient:
                       for s, p in zip(parts, self.params.values())]
 
     def _jacobian_curvature(self, inputs, targets, update_buffers):
-        lin = linearize(self.model, self.params, inputs, update_buffers=update_buffers)
+        G = LocalGGN(self.model, self.rule, self.params, inputs, targets,
+                     update_buffers=update_buffers)
         self.counters["forward"] += 1
-        out = lin.output.detach()
-        self.rule.check(out, targets)
-        loss = self.rule.value(out, targets).detach()
+        out = G.output
+        loss = G.loss
         if not math.isfinite(float(loss)):
             return loss, None, None
-        grads = lin.vjp(self.rule.grad(out, targets))
+        grads = G.gradient()
         self.counters["backward"] += 1 + math.ceil(out.numel() / self.chunk_size)
         grads = self._with_decay(grads)
         if not is_finite(*grads):
             return loss, None, None
-        return loss, grads, _curvature_from(lin, self.rule, targets, self.curvature,
-                                            self.chunk_size)
+        return loss, grads, _curvature_from(G, self.fisher, self.chunk_size)
 
     def _with_decay(self, grads: list[Tensor]) -> list[Tensor]:
-        if not self.weight_decay:
+        wd = self.hyper("weight_decay")
+        if not wd:
             return grads
-        return [g + self.weight_decay * p.detach() for g, p in zip(grads, self.params.values())]
+        return [g + wd * p.detach() for g, p in zip(grads, self.params.values())]
 
     def _fast_curvature(self, layers, inputs, targets):
         """Per-example gradients from layer inputs and output derivatives (one backward per
@@ -286,7 +286,7 @@ class NaturalGradient:
         if not is_finite(*grads):
             return loss.detach(), None, None
         od = out.detach()
-        if self.curvature == "ggn":
+        if self.fisher == "type2":
             vectors, weight = self.rule.sqrt_hessian(od, targets), 1.0
         else:
             vectors = self.rule.per_example_grads(od, targets).unsqueeze(0)
@@ -303,36 +303,31 @@ class NaturalGradient:
         self.counters["backward"] += 1 + len(vectors)
         return loss.detach(), grads, weight * F
 
-    def step(self, inputs: Any, targets: Tensor) -> Tensor:
-        """One damped natural-gradient step; returns the loss before the update."""
-        buffers = snapshot_buffers(self.model)
+    def _step(self, inputs: Any, targets: Tensor) -> Tensor:
         loss, d = self.direction(inputs, targets, update_buffers=True)
         if d is None:
-            restore_buffers(self.model, buffers)
-            self.counters["skipped_steps"] += 1
-            warn_skip("NaturalGradient", "loss, gradient or curvature",
-                      self.counters["skipped_steps"])
-            return loss
-        if self.momentum:
-            self.buf = [self.momentum * b + t for b, t in zip(self.buf, d)]
-            d = self.buf
+            raise SkipStep("loss, gradient or curvature", loss)
+        params = list(self.params.values())
+        moms = self.group_values("momentum")
         with torch.no_grad():
-            for p, t in zip(self.params.values(), d):
-                p.sub_(t, alpha=self.lr)
-        self.count += 1
-        self.counters["steps"] += 1
+            for p, t, mom, lr in zip(params, d, moms, self.group_values("lr"), strict=True):
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    t = mom * (torch.zeros_like(p) if buf is None else buf) + t
+                    self.state[p]["momentum_buffer"] = t
+                p.sub_(t, alpha=lr)
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """Momentum buffer, step count and counters."""
-        return {"buf": [b.clone() for b in self.buf], "count": self.count,
-                "counters": dict(self.counters), "param_names": list(self.params)}
+    @property
+    def momentum_buffers(self) -> list[Tensor]:
+        """Heavy-ball buffers, one per parameter (zeros before the first momentum step)."""
+        return [self.state[p]["momentum_buffer"] if "momentum_buffer" in self.state[p]
+                else torch.zeros_like(p) for p in self.params.values()]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        if state["param_names"] != list(self.params):
-            raise ValueError(f"NaturalGradient.load_state_dict: state is for parameters "
-                             f"{state['param_names']}, this optimizer has {list(self.params)}")
-        self.buf = [b.clone() for b in state["buf"]]
-        self.count = int(state["count"])
-        self.counters = dict(state["counters"])
+    # ---- deprecated names ----------------------------------------------------------------
+    buf = deprecated_alias("buf", "momentum_buffers (state[p]['momentum_buffer'])",
+                           lambda self: self.momentum_buffers)
+    count = deprecated_alias("count", "steps", lambda self: self.steps)
+    curvature = deprecated_alias(
+        "curvature", "fisher",
+        lambda self: {"type2": "ggn", "empirical": "empirical"}[self.fisher])
