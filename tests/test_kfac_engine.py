@@ -137,14 +137,20 @@ def test_unsupported_policy_is_the_same_everywhere():
     net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     data = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
     loss_fn = nn.CrossEntropyLoss()
-    makers = [lambda s: curvlab.KFAC(net, loss_fn, data, strict=s),
-              lambda s: KFACOptimizer(net, loss_fn, damping=0.1, strict=s),
-              lambda s: curvlab.KFACPreconditioner(net, loss_fn, damping=0.1, strict=s)]
+    kw = {"unitwise": False}
+    makers = [lambda s: curvlab.KFAC(net, loss_fn, data, strict=s, **kw),
+              lambda s: KFACOptimizer(net, loss_fn, damping=0.1, strict=s, **kw),
+              lambda s: curvlab.KFACPreconditioner(net, loss_fn, damping=0.1, strict=s, **kw)]
     for make in makers:
         with pytest.raises(ValueError, match=r"LayerNorm.*1\.weight, 1\.bias"):
             make(True)
         with pytest.warns(UserWarning, match="1.weight"):
             make(False)
+    # by default the LayerNorm gets unit-wise blocks at every entry point
+    for make in (lambda: curvlab.KFAC(net, loss_fn, data, strict=True),
+                 lambda: KFACOptimizer(net, loss_fn, damping=0.1, strict=True),
+                 lambda: curvlab.KFACPreconditioner(net, loss_fn, damping=0.1, strict=True)):
+        assert "1" in make().engine.blocks
 
 
 def test_engine_state_dict_round_trip_and_layer_check():

@@ -143,7 +143,7 @@ def test_unsupported_batchnorm_zero_block_and_plain_damped_gradient():
     data = (torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.warns(UserWarning, match=r"1 \(BatchNorm1d"):
-        K = KFAC(net, nn.MSELoss(), data)
+        K = KFAC(net, nn.MSELoss(), data, unitwise=False)
     assert K.unsupported == {"1": ["1.weight", "1.bias"]}
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -155,7 +155,7 @@ def test_unsupported_batchnorm_zero_block_and_plain_damped_gradient():
     out = K.inverse(0.1) @ v
     _close(out[bn], v[bn] / 0.1)
     with pytest.raises(ValueError, match="BatchNorm1d"):
-        KFAC(net, nn.MSELoss(), data, strict=True)
+        KFAC(net, nn.MSELoss(), data, strict=True, unitwise=False)
 
 
 def test_bad_arguments():

@@ -255,8 +255,9 @@ def _flat_state(opt):
     c = st["curvlab"]
     ts = [s["momentum_buffer"] for s in st["state"].values()] + [c["generator"].double()]
     for b in c["engine"]["blocks"].values():
-        ts += [t for t in (b["A"], b["G"], b["scalings"]) if t is not None]
-        ts += list(b["eig"] or ())
+        ts += [b[k] for k in ("A", "G", "F", "scalings") if b.get(k) is not None]
+        eig = b["eig"]
+        ts += [eig] if isinstance(eig, torch.Tensor) else list(eig or ())
     return ts, (st["param_groups"][0]["damping"], c["gamma"], c["counters"]["steps"],
                 [b["updates"] for b in c["engine"]["blocks"].values()])
 
@@ -265,8 +266,7 @@ def _flat_state(opt):
 def test_nan_batch_is_skipped_and_leaves_everything_untouched(where):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
-    with pytest.warns(UserWarning, match="plain gradient"):
-        opt = KFACOptimizer(net, nn.MSELoss(), lr=0.1, damping=0.1)
+    opt = KFACOptimizer(net, nn.MSELoss(), lr=0.1, damping=0.1)  # unit-wise BatchNorm
     x, y = torch.randn(8, 4), torch.randn(8, 2)
     opt.step(x, y)
     params = [p.detach().clone() for p in net.parameters()]
@@ -290,7 +290,8 @@ def test_unsupported_module_warns_and_gets_plain_gradient():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match=r"1\.weight, 1\.bias.*plain gradient"):
-        opt = KFACOptimizer(net, nn.MSELoss(), lr=1.0, momentum=0.0, damping=0.1)
+        opt = KFACOptimizer(net, nn.MSELoss(), lr=1.0, momentum=0.0, damping=0.1,
+                            unitwise=False)
     x, y = torch.randn(8, 3), torch.randn(8, 2)
     g = torch.autograd.grad(nn.MSELoss()(net(x), y), [net[1].weight, net[1].bias])
     w0, b0 = net[1].weight.detach().clone(), net[1].bias.detach().clone()
@@ -298,7 +299,7 @@ def test_unsupported_module_warns_and_gets_plain_gradient():
     torch.testing.assert_close(w0 - net[1].weight, g[0])
     torch.testing.assert_close(b0 - net[1].bias, g[1])
     with pytest.raises(ValueError, match="LayerNorm"):
-        KFACOptimizer(net, nn.MSELoss(), damping=0.1, strict=True)
+        KFACOptimizer(net, nn.MSELoss(), damping=0.1, strict=True, unitwise=False)
 
 
 def test_kl_clip_scales_the_step():
@@ -498,6 +499,7 @@ def test_adaptive_rho_evaluation_leaves_batchnorm_stats_and_dropout_alone():
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     with pytest.warns(UserWarning, match="plain gradient"):
         opt = KFACOptimizer(net, nn.CrossEntropyLoss(), damping=1.0, adaptive=True,
+                            unitwise=False,
                             lambda_interval=1)
     torch.manual_seed(5)
     loss = opt.step(x, y)

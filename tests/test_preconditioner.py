@@ -120,7 +120,7 @@ def test_unsupported_params_keep_their_gradient_and_strict_raises():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="BatchNorm1d.*plain gradient"):
-        precond = KFACPreconditioner(net, nn.MSELoss(), damping=0.1)
+        precond = KFACPreconditioner(net, nn.MSELoss(), damping=0.1, unitwise=False)
     x, y = torch.randn(8, 3), torch.randn(8, 2)
     nn.MSELoss()(net(x), y).backward()
     g_bn = net[1].weight.grad.clone()
@@ -129,7 +129,7 @@ def test_unsupported_params_keep_their_gradient_and_strict_raises():
     assert torch.equal(net[1].weight.grad, g_bn)
     assert not torch.allclose(net[0].weight.grad, g_lin)
     with pytest.raises(ValueError, match="BatchNorm1d"):
-        KFACPreconditioner(net, nn.MSELoss(), damping=0.1, strict=True)
+        KFACPreconditioner(net, nn.MSELoss(), damping=0.1, strict=True, unitwise=False)
 
 
 def test_nonfinite_gradients_leave_grad_and_state_untouched():

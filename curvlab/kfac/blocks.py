@@ -146,6 +146,10 @@ class KroneckerBlock:
     def has_factors(self) -> bool:
         return self.A is not None and self.G is not None
 
+    def factors(self) -> tuple:
+        """The current factors ``(A, G)`` (empty before the first statistics)."""
+        return (self.A, self.G) if self.has_factors else ()
+
     def ema_weight(self) -> float:
         """``ε_k = min(1 − 1/k, ema_decay)`` for the next :meth:`update`."""
         k = self.updates + 1

@@ -117,8 +117,9 @@ class FactorCapture:
         self.layers: list[KFACLayer] = list(layers.layers if isinstance(layers, LayerTable)
                                             else layers)
         for layer in self.layers:
-            if not isinstance(layer, KFACLayer):
-                raise TypeError(f"layers must hold KFACLayer objects, got {type(layer).__name__}")
+            if not (isinstance(layer, KFACLayer) or getattr(layer, "kind", None) == "norm"):
+                raise TypeError(f"layers must hold KFACLayer (or NormLayer) objects, got "
+                                f"{type(layer).__name__}")
         self.record_inputs = inputs
         self.record_output_grads = output_grads
         self.inputs: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
@@ -149,6 +150,8 @@ class FactorCapture:
 
     @staticmethod
     def _expand_input(layer: KFACLayer, x: Tensor) -> Tensor:
+        if layer.kind == "norm":  # unit-wise blocks: normalized input, units last
+            return layer.expand_input(x)
         if layer.kind == "conv2d":
             return expand_conv_input(layer.module, x, layer.group)
         if x.dim() == 1:
@@ -157,6 +160,8 @@ class FactorCapture:
 
     @staticmethod
     def _expand_grad(layer: KFACLayer, g: Tensor) -> Tensor:
+        if layer.kind == "norm":
+            return layer.expand_grad(g)
         if layer.kind == "conv2d":
             if g.dim() == 3:
                 g = g.unsqueeze(0)

@@ -47,6 +47,13 @@ from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.kfac.split import SplitMatrix, split_gram
 from curvlab.kfac.tridiagonal import TridiagonalFactors, TridiagonalInverse
+from curvlab.kfac.unitwise import (
+    NORM_TYPES,
+    NormLayer,
+    UnitWiseBlock,
+    find_norm_layers,
+    unit_fisher,
+)
 
 __all__ = ["FISHER_TYPES", "KroneckerEngine", "LayerStatistics", "register_layers"]
 
@@ -57,27 +64,43 @@ STRUCTURES = ("block-diagonal", "block-tridiagonal")
 
 def register_layers(
     model: nn.Module, selected: Mapping[str, Tensor] | Sequence[str], *, strict: bool, who: str,
-    fallback: str = "",
+    fallback: str = "", unitwise: bool = True,
 ) -> LayerTable:
     """The one registration policy of every K-FAC entry point.
 
     ``nn.Linear`` and ``nn.Conv2d`` layers are registered (grouped convolutions as one block per
-    group). Selected parameters of any other module get no Kronecker block: one warning names
+    group); with ``unitwise=True`` (default) the affine parameters of BatchNorm, LayerNorm and
+    GroupNorm get SP-NGD's unit-wise blocks (``table.norm``, :mod:`curvlab.kfac.unitwise`).
+    Selected parameters of any other module get no block: one warning names
     them (``strict=True`` raises ``ValueError`` instead); what that means is each entry point's
     documented fallback (the operator is zero there, the optimizer and the preconditioner pass
     the gradient through), stated in the warning by ``fallback``.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Embedding(3, 2))
+        >>> table = register_layers(net, dict(net.named_parameters()), strict=False, who="demo")
+        ... # doctest: +SKIP
         >>> register_layers(net, dict(net.named_parameters()), strict=True, who="demo")
         Traceback (most recent call last):
         ...
-        ValueError: demo: K-FAC does not support these modules/parameters: 1 (LayerNorm: no Kronecker-factored rule for this module type): 1.weight, 1.bias; exclude them with params= or pass strict=False
+        ValueError: demo: K-FAC does not support these modules/parameters: 2 (Embedding: no Kronecker-factored rule for this module type): 2.weight; exclude them with params= or pass strict=False
     """  # noqa: E501
     names = list(selected)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         table = find_layers(model, names, strict=False, grouped_conv=True)
+    if unitwise:
+        modules = dict(model.named_modules())
+        norm_mods = [m for m in table.unsupported if isinstance(modules.get(m), NORM_TYPES)]
+        by_id = {id(p): n for n, p in model.named_parameters() if n in set(names)}
+        table.norm = [la for la in find_norm_layers(model, by_id) if la.name in norm_mods]
+        for la in table.norm:
+            rest = [n for n in table.unsupported[la.name] if n not in la.param_names]
+            if rest:
+                table.unsupported[la.name] = rest
+            else:
+                del table.unsupported[la.name]
+                table.reasons.pop(la.name, None)
     if table.unsupported:
         detail = "; ".join(f"{m or '<root>'} ({table.reasons.get(m, '?')}): {', '.join(ps)}"
                            for m, ps in table.unsupported.items())
@@ -98,6 +121,7 @@ class LayerStatistics:
         used: ``{layer name: (expanded inputs, [output gradients per pass])}`` (EKFAC).
         cross: ``{i: (A_{i,i+1}, G_{i,i+1})}`` for the block-tridiagonal chain.
         num_examples: ``N`` of the batch.
+        F: ``{norm layer name: (U, d, d)}`` unit-wise Fisher blocks.
     """
 
     A: dict[str, Tensor] = field(default_factory=dict)
@@ -105,11 +129,12 @@ class LayerStatistics:
     used: dict[str, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
     cross: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     num_examples: int = 0
+    F: dict[str, Tensor] = field(default_factory=dict)
 
     def tensors(self) -> list[Tensor]:
         out = []
-        for t in [*self.A.values(), *self.G.values(), *[t for c in self.cross.values()
-                                                        for t in c]]:
+        for t in [*self.A.values(), *self.G.values(), *self.F.values(),
+                  *[t for c in self.cross.values() for t in c]]:
             out.extend(t.parts() if isinstance(t, SplitMatrix) else [t])
         return out
 
@@ -144,6 +169,8 @@ class KroneckerEngine:
         split_dim: THOR's block splitting (:mod:`curvlab.kfac.split`): factors larger than
             ``split_dim`` are block-diagonal with blocks of at most ``split_dim``; their
             statistics are computed blockwise. ``None``: no splitting.
+        norm_layers: Normalization layers with unit-wise blocks (default: ``layers.norm`` of
+            a :class:`~curvlab.kfac.layers.LayerTable`, else none).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -174,6 +201,7 @@ class KroneckerEngine:
         pi: str | float = "tracenorm",
         refresh: RefreshPolicy | None = None,
         split_dim: int | None = None,
+        norm_layers: Sequence[NormLayer] | None = None,
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -186,6 +214,9 @@ class KroneckerEngine:
         check_inverse(inverse, ekfac)
         self.layers: list[KFACLayer] = list(layers.layers if isinstance(layers, LayerTable)
                                             else layers)
+        if norm_layers is None:
+            norm_layers = layers.norm if isinstance(layers, LayerTable) else []
+        self.norm_layers: list[NormLayer] = list(norm_layers)
         if structure == "block-tridiagonal":
             bad = [la.name for la in self.layers if la.kind != "linear" or la.group is not None]
             if split_dim is not None:
@@ -204,12 +235,14 @@ class KroneckerEngine:
                                     split_dim=split_dim)
             for la in self.layers}
         self.split_dim = split_dim
+        for la in self.norm_layers:
+            self.blocks[la.name] = UnitWiseBlock(la, ema_decay=ema_decay)
         self.pi = pi
         if refresh is not None and not isinstance(refresh, RefreshPolicy):
             raise TypeError(f"refresh must be a curvlab.kfac RefreshPolicy, got "
                             f"{type(refresh).__name__}")
         self.policy: RefreshPolicy = refresh if refresh is not None else FixedRefresh()
-        self.policy.bind(list(self.blocks))
+        self.policy.bind(list(self.blocks), [la.name for la in self.norm_layers])
         self._updated: set[str] = set()
         #: Per-layer counts of factor updates and inverse refreshes.
         self.layer_counters: dict[str, dict[str, int]] = {
@@ -266,6 +299,24 @@ class KroneckerEngine:
                             reduction=self.reduction, mc_samples=self.mc_samples)
             if need_a and need_g:
                 stats.used[name] = (x, gs)
+        for layer in self.norm_layers:
+            name = layer.name
+            need = (True, True) if due is None else due.get(name, (False, False))
+            if not capture.inputs[name] or not any(need):
+                continue
+            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
+            if self.fisher == "empirical" and grads is None:
+                gs = gs[:1]
+            elif passes is not None:
+                gs = gs[-passes:] if passes else []
+            if not gs:
+                continue
+            dtype = _factor_dtype(layer)
+            x = capture.layer_inputs(name)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                stats.F[name] = unit_fisher(layer, x.to(dtype), [g.to(dtype) for g in gs],
+                                            num_examples, fisher=self.fisher,
+                                            reduction=self.reduction, mc_samples=self.mc_samples)
         if self.structure == "block-tridiagonal" and len(stats.used) == len(self.layers):
             stats.cross = self._cross_statistics(capture, stats)
         return stats
@@ -324,8 +375,15 @@ class KroneckerEngine:
                 else:
                     self.cross[i] = (ca.clone(), cg.clone())
             self.cross_updates += 1
-        self._updated = set(stats.A) | set(stats.G)
-        for name in self._updated:
+        self._updated = set(stats.A) | set(stats.G) | set(stats.F)
+        for name, f in stats.F.items():
+            block = self.blocks[name]
+            old = block.F
+            block.update(f)
+            self.layer_counters[name]["factor_updates"] += 1
+            if step is not None:
+                self.policy.observe_update(step, name, "F", old, f)
+        for name in set(stats.A) | set(stats.G):
             block = self.blocks[name]
             new_a, new_g = stats.A.get(name), stats.G.get(name)
             old_a, old_g = block.A, block.G
@@ -341,7 +399,7 @@ class KroneckerEngine:
         changed since their last refresh, or that have none yet); return how many."""
         if self.structure == "block-tridiagonal":
             due = [n for n, b in self.blocks.items() if self.policy.inverse_due(
-                step, n, b.A, b.G, n in self._updated)]
+                step, n, b.factors(), n in self._updated)]
             if not due or not self.stale:
                 return 0
             done = self.refresh()
@@ -351,7 +409,7 @@ class KroneckerEngine:
             for name, block in self.blocks.items():
                 if not block.has_factors or not (block.stale or block.eig is None):
                     continue
-                if not self.policy.inverse_due(step, name, block.A, block.G,
+                if not self.policy.inverse_due(step, name, block.factors(),
                                                name in self._updated):
                     continue
                 if block.refresh():
@@ -360,7 +418,7 @@ class KroneckerEngine:
         for name in names:
             b = self.blocks[name]
             self.layer_counters[name]["inverse_updates"] += 1
-            self.policy.observe_refresh(step, name, b.A, b.G)
+            self.policy.observe_refresh(step, name, b.factors())
         self._updated = set()
         return done
 
@@ -368,7 +426,10 @@ class KroneckerEngine:
                     cross: TridiagonalFactors | None = None) -> None:
         """Set every block's factors (an estimate over a data set; no averaging)."""
         for name, f in factors.items():
-            self.blocks[name].set_factors(f.A, f.G)
+            if isinstance(f, Tensor):  # unit-wise blocks (U, d, d)
+                self.blocks[name].set_factors(f)
+            else:
+                self.blocks[name].set_factors(f.A, f.G)
         if cross is not None:
             self.cross = {i: (ca, cg) for i, (ca, cg) in
                           enumerate(zip(cross.cross_A, cross.cross_G, strict=True))}
@@ -454,7 +515,17 @@ class KroneckerEngine:
         With ``structure='block-tridiagonal'`` and ``power=-1`` the chain inverse is used (all
         layers needed); ``power=1`` then applies the block-tridiagonal matrix.
         """
-        if self.structure == "block-tridiagonal" and len(mats) == len(self.layers):
+        chain = [la.name for la in self.layers]
+        if self.structure == "block-tridiagonal" and all(n in mats for n in chain):
+            rest = {n: self.blocks[n].multiply(m, power, damping)
+                    for n, m in mats.items() if n not in set(chain)}
+            return {**self._chain_multiply(mats, power, damping), **rest}
+        return {name: self.blocks[name].multiply(m, power, damping, inverse=inverse)
+                for name, m in mats.items()}
+
+    def _chain_multiply(self, mats: Mapping[str, Tensor], power: int,
+                        damping: float) -> dict[str, Tensor]:
+        if True:
             vs = [mats[la.name] for la in self.layers]
             if power == 1:
                 chain = self._current_chain()
@@ -468,8 +539,8 @@ class KroneckerEngine:
                 res = inv.apply([v.to(dtype) for v in vs])
                 return {la.name: u.to(v.dtype) for la, u, v in zip(self.layers, res, vs,
                                                                     strict=True)}
-        return {name: self.blocks[name].multiply(m, power, damping, inverse=inverse)
-                for name, m in mats.items()}
+        return {la.name: self.blocks[la.name].multiply(mats[la.name], power, damping)
+                for la in self.layers}
 
     def _current_chain(self) -> TridiagonalFactors:
         return TridiagonalFactors(
@@ -494,12 +565,20 @@ class KroneckerEngine:
                 continue
             mats[layer.name] = layer.to_matrix(
                 grads[layer.weight], None if layer.bias is None else grads[layer.bias])
+        for layer in self.norm_layers:
+            if self.blocks[layer.name].eig is None or layer.weight not in grads or (
+                    layer.bias is not None and layer.bias not in grads):
+                continue
+            mats[layer.name] = self.unit_matrix(layer, grads)
         if not mats:
             return {}
         device = next(iter(mats.values())).device
         with torch.autocast(device_type=device.type, enabled=False):
             res = self.multiply(mats, -1, damping, inverse=inverse)
         out: dict[str, Tensor] = {}
+        for layer in self.norm_layers:
+            if layer.name in res:
+                out.update(self.unit_params(layer, res[layer.name], grads))
         for layer in self.layers:
             if layer.name not in res:
                 continue
@@ -515,6 +594,24 @@ class KroneckerEngine:
                 if pname not in out:
                     out[pname] = grads[pname].clone()
                 out[pname][layer.out_slice] = part.to(out[pname].dtype)
+        return out
+
+    @staticmethod
+    def unit_matrix(layer: NormLayer, params: Mapping[str, Tensor]) -> Tensor:
+        """``(..., U, d)`` unit-wise form of ``(γ, β)``-shaped tensors (leading dims kept)."""
+        w = params[layer.weight]
+        lead = w.shape[:w.dim() - layer.weight_param.dim()]
+        cols = [w.reshape(*lead, layer.units)]
+        if layer.bias is not None:
+            cols.append(params[layer.bias].reshape(*lead, layer.units))
+        return torch.stack(cols, dim=-1)
+
+    @staticmethod
+    def unit_params(layer: NormLayer, m: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Inverse of :meth:`unit_matrix`."""
+        out = {layer.weight: m[..., 0].reshape(like[layer.weight].shape)}
+        if layer.bias is not None:
+            out[layer.bias] = m[..., 1].reshape(like[layer.bias].shape)
         return out
 
     # ---- bookkeeping ---------------------------------------------------------------------

@@ -214,6 +214,9 @@ class LayerTable:
     layers: list[KFACLayer]
     unsupported: dict[str, list[str]]
     reasons: dict[str, str] = field(default_factory=dict)
+    #: Normalization layers registered for unit-wise blocks
+    #: (:class:`curvlab.kfac.unitwise.NormLayer`, by :func:`curvlab.kfac.register_layers`).
+    norm: list = field(default_factory=list)
 
     @property
     def param_names(self) -> list[str]:

@@ -42,7 +42,9 @@ def _fro(X) -> float:
 
 
 def _trace(X) -> float:
-    return float(X.trace()) if hasattr(X, "parts") else float(torch.trace(X))
+    if hasattr(X, "parts"):
+        return float(X.trace())
+    return float(torch.diagonal(X, dim1=-2, dim2=-1).sum())  # batched unit-wise blocks too
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -64,44 +66,56 @@ class RefreshPolicy:
     Call order per step ``k`` (done by the entry points): :meth:`stats_due` →
     (statistics) → :meth:`observe_update` per updated factor → :meth:`inverse_due` →
     (refresh) → :meth:`observe_refresh`.
+
+    Example (a custom policy: statistics on even steps only):
+        >>> class EvenSteps(RefreshPolicy):
+        ...     def stats_due(self, step, name):
+        ...         return step % 2 == 0, step % 2 == 0
+        >>> p = EvenSteps()
+        >>> p.bind(["fc"])
+        >>> [p.stats_due(k, "fc")[0] for k in range(3)]
+        [True, False, True]
     """
 
     def __init__(self) -> None:
         self.layers: list[str] = []
+        self.unitwise: set[str] = set()
         self.refresh_log: list[dict[str, Any]] = []
         self.counts: dict[str, dict[str, int]] = {}
 
-    def bind(self, layers: Sequence[str]) -> None:
-        """Attach to an entry point's layers (names)."""
+    def bind(self, layers: Sequence[str], unitwise: Sequence[str] = ()) -> None:
+        """Attach to an entry point's layers (names); ``unitwise``: those with one unit-wise
+        factor ``F`` instead of ``(A, G)``."""
         if self.layers and list(layers) != self.layers:
             raise ValueError(f"{type(self).__name__} is already bound to layers {self.layers}, "
                              f"not {list(layers)}; use one policy object per optimizer")
         self.layers = list(layers)
+        self.unitwise = set(unitwise)
         for name in self.layers:
-            self.counts.setdefault(name, {"A": 0, "G": 0, "inverse": 0})
+            self.counts.setdefault(name, {"A": 0, "G": 0, "F": 0, "inverse": 0})
 
     # ---- decisions -----------------------------------------------------------------------
     def stats_due(self, step: int, name: str) -> tuple[bool, bool]:
         """Whether layer ``name`` gets new ``(A, G)`` statistics at ``step``."""
         return True, True
 
-    def inverse_due(self, step: int, name: str, A: Tensor | None, G: Tensor | None,
-                    updated: bool) -> bool:
-        """Whether layer ``name``'s inverse is refreshed at ``step`` (``updated``: its
-        factors changed this step)."""
+    def inverse_due(self, step: int, name: str, factors: tuple, updated: bool) -> bool:
+        """Whether layer ``name``'s inverse is refreshed at ``step`` (``factors``: the layer's
+        current factors, ``(A, G)`` or a unit-wise block's ``(F,)``; ``updated``: they changed
+        this step)."""
         return True
 
     # ---- observations --------------------------------------------------------------------
     def observe_update(self, step: int, name: str, factor: str, old: Tensor | None,
                        new: Tensor) -> None:
-        """A factor (``'A'`` or ``'G'``) of ``name`` was recomputed: ``old`` before, ``new`` the
-        new statistics."""
+        """A factor (``'A'``, ``'G'``, or a unit-wise ``'F'``) of ``name`` was recomputed:
+        ``old`` before, ``new`` the new statistics."""
         self.counts[name][factor] += 1
         self.refresh_log.append({"step": step, "layer": name, "what": factor,
                                  "interval": self.interval(name, factor)})
 
-    def observe_refresh(self, step: int, name: str, A: Tensor, G: Tensor) -> None:
-        """Layer ``name``'s inverse was refreshed from factors ``A``, ``G``."""
+    def observe_refresh(self, step: int, name: str, factors: tuple) -> None:
+        """Layer ``name``'s inverse was refreshed from ``factors``."""
         self.counts[name]["inverse"] += 1
         self.refresh_log.append({"step": step, "layer": name, "what": "inverse",
                                  "interval": self.interval(name, "inverse")})
@@ -153,7 +167,7 @@ class FixedRefresh(RefreshPolicy):
         >>> p.bind(["fc"])
         >>> [p.stats_due(k, "fc")[0] for k in range(5)]
         [True, False, True, False, True]
-        >>> [p.inverse_due(k, "fc", None, None, True) for k in range(5)]
+        >>> [p.inverse_due(k, "fc", (), True) for k in range(5)]
         [True, False, False, False, True]
     """
 
@@ -168,7 +182,7 @@ class FixedRefresh(RefreshPolicy):
         due = step % self.cov_interval == 0
         return due, due
 
-    def inverse_due(self, step, name, A, G, updated):
+    def inverse_due(self, step, name, factors, updated):
         return step % self.inv_interval == 0 or step < self.num_forced_inverses
 
     def interval(self, name, what):
@@ -213,17 +227,19 @@ class AdaptiveRefresh(RefreshPolicy):
         self.next_step: dict[str, dict[str, int]] = {}
         self.similarity: dict[str, dict[str, float]] = {}
 
-    def bind(self, layers):
-        super().bind(layers)
+    def bind(self, layers, unitwise=()):
+        super().bind(layers, unitwise)
         for name in self.layers:
-            self.intervals.setdefault(name, {"A": 1, "G": 1})
-            self.next_step.setdefault(name, {"A": 0, "G": 0})
+            self.intervals.setdefault(name, {"A": 1, "G": 1, "F": 1})
+            self.next_step.setdefault(name, {"A": 0, "G": 0, "F": 0})
 
     def stats_due(self, step, name):
         nxt = self.next_step[name]
+        if name in self.unitwise:
+            return step >= nxt["F"], step >= nxt["F"]
         return step >= nxt["A"], step >= nxt["G"]
 
-    def inverse_due(self, step, name, A, G, updated):
+    def inverse_due(self, step, name, factors, updated):
         return updated
 
     def observe_update(self, step, name, factor, old, new):
@@ -243,7 +259,8 @@ class AdaptiveRefresh(RefreshPolicy):
 
     def interval(self, name, what):
         if what == "inverse":
-            return min(self.intervals[name].values())
+            kinds = ("F",) if name in self.unitwise else ("A", "G")
+            return min(self.intervals[name][k] for k in kinds)
         return self.intervals[name][what]
 
     def _extra_state(self):
@@ -266,34 +283,32 @@ class TraceRefresh(RefreshPolicy):
     Example:
         >>> p = TraceRefresh(omega=0.5)
         >>> p.bind(["fc"])
-        >>> p.inverse_due(0, "fc", torch.eye(2), torch.eye(2), True)    # never refreshed
+        >>> I = torch.eye(2)
+        >>> p.inverse_due(0, "fc", (I, I), True)    # never refreshed
         True
-        >>> p.observe_refresh(0, "fc", torch.eye(2), torch.eye(2))
-        >>> p.inverse_due(1, "fc", 1.2 * torch.eye(2), torch.eye(2), True)
+        >>> p.observe_refresh(0, "fc", (I, I))
+        >>> p.inverse_due(1, "fc", (1.2 * I, I), True)
         False
-        >>> p.inverse_due(2, "fc", 2.0 * torch.eye(2), torch.eye(2), True)
+        >>> p.inverse_due(2, "fc", (2.0 * I, I), True)
         True
     """
 
     def __init__(self, omega: float = 0.1) -> None:
         super().__init__()
         self.omega = _positive_real("omega", omega)
-        self.traces: dict[str, tuple[float, float]] = {}
+        self.traces: dict[str, tuple[float, ...]] = {}
 
-    def inverse_due(self, step, name, A, G, updated):
-        if name not in self.traces or A is None:
+    def inverse_due(self, step, name, factors, updated):
+        if name not in self.traces or not factors:
             return True
-        ta, tg = self.traces[name]
-        now_a, now_g = _trace(A), _trace(G)
+        for now, then in zip((_trace(X) for X in factors), self.traces[name], strict=True):
+            if (abs(now - then) / then if then > 0 else math.inf) >= self.omega:
+                return True
+        return False
 
-        def rel(now, then):
-            return abs(now - then) / then if then > 0 else math.inf
-
-        return rel(now_a, ta) >= self.omega or rel(now_g, tg) >= self.omega
-
-    def observe_refresh(self, step, name, A, G):
-        self.traces[name] = (_trace(A), _trace(G))
-        super().observe_refresh(step, name, A, G)
+    def observe_refresh(self, step, name, factors):
+        self.traces[name] = tuple(_trace(X) for X in factors)
+        super().observe_refresh(step, name, factors)
 
     def _extra_state(self):
         return {"traces": {n: list(t) for n, t in self.traces.items()}}
@@ -323,7 +338,7 @@ class FrequencyRefresh(RefreshPolicy):
         due = step % self.frequency == 0
         return due, due
 
-    def inverse_due(self, step, name, A, G, updated):
+    def inverse_due(self, step, name, factors, updated):
         return step % self.frequency == 0
 
     def interval(self, name, what):

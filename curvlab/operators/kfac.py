@@ -23,6 +23,9 @@ Structures: ``"block-diagonal"`` (K-FAC / KFC); ``"block-tridiagonal"`` (Martens
 ``G_{i,i+1} ⊗ A_{i,i+1}``; chains of ``nn.Linear`` only); ``ekfac=True`` replaces the Kronecker
 eigenvalues by EKFAC's per-example second moments in the Kronecker eigenbasis.
 
+Normalization layers (BatchNorm, LayerNorm, GroupNorm) get SP-NGD's unit-wise ``2 × 2`` blocks
+over ``(γ_c, β_c)`` (:mod:`curvlab.kfac.unitwise`; attribute ``unit_factors``).
+
 Grouped convolutions are block-diagonal over groups (one Kronecker product per group, see
 :mod:`curvlab.kfac.layers`). Unsupported parameters (BatchNorm, LayerNorm, ... among the selected
 ones): the
@@ -49,6 +52,7 @@ from curvlab.kfac.factors import (
     FisherType,
     KroneckerFactors,
     accumulate_factors,
+    capture_statistics,
     kfac_factors,
 )
 from curvlab.kfac.layers import KFACLayer, LayerTable
@@ -58,6 +62,7 @@ from curvlab.kfac.tridiagonal import (
     accumulate_tridiagonal,
     tridiagonal_factors,
 )
+from curvlab.kfac.unitwise import unit_fisher
 from curvlab.operators.base import LinearOperator, unflatten
 from curvlab.operators.curvature import _to_device, as_batches
 
@@ -67,31 +72,40 @@ Structure = Literal["block-diagonal", "block-tridiagonal"]
 
 
 class _LayerLayout:
-    """Maps between curvlab's flat parameter blocks and per-layer homogeneous matrices."""
+    """Maps between curvlab's flat parameter blocks and per-layer matrices: homogeneous
+    ``(K, out, in)`` for Kronecker blocks, ``(K, U, d)`` for unit-wise blocks."""
 
     def __init__(self, names: list[str], table: LayerTable) -> None:
         self.names = names
         self.index = {n: i for i, n in enumerate(names)}
         self.layers = table.layers
-        registered = set(table.param_names)
+        self.norm = list(table.norm)
+        registered = set(table.param_names) | {n for la in self.norm for n in la.param_names}
         self.free = [i for i, n in enumerate(names) if n not in registered]
 
-    def to_matrices(self, cols: list[Tensor]) -> list[Tensor]:
-        """Parameter-form columns ``(*shape, K)`` -> per-layer ``(K, out, in)``."""
-        mats = []
+    def to_matrices(self, cols: list[Tensor]) -> dict[str, Tensor]:
+        """Parameter-form columns ``(*shape, K)`` -> ``{layer: per-layer matrices}``."""
+        mats = {}
         for layer in self.layers:
             w = cols[self.index[layer.weight]].movedim(-1, 0)
             b = cols[self.index[layer.bias]].movedim(-1, 0) if layer.bias is not None else None
-            mats.append(layer.to_matrix(w, b))
+            mats[layer.name] = layer.to_matrix(w, b)
+        for layer in self.norm:
+            mats[layer.name] = KroneckerEngine.unit_matrix(
+                layer, {n: cols[self.index[n]].movedim(-1, 0) for n in layer.param_names})
         return mats
 
-    def from_matrices(self, mats: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    def from_matrices(self, mats: dict[str, Tensor], like: list[Tensor]) -> list[Tensor]:
         out = [torch.zeros_like(c) for c in like]
-        for layer, m in zip(self.layers, mats, strict=True):
-            w, b = layer.from_matrix(m)
+        for layer in self.layers:
+            w, b = layer.from_matrix(mats[layer.name])
             out[self.index[layer.weight]][layer.out_slice] = w.movedim(0, -1)
             if layer.bias is not None:
                 out[self.index[layer.bias]][layer.out_slice] = b.movedim(0, -1)
+        for layer in self.norm:
+            shapes = {n: like[self.index[n]].movedim(-1, 0) for n in layer.param_names}
+            for n, t in KroneckerEngine.unit_params(layer, mats[layer.name], shapes).items():
+                out[self.index[n]] = t.movedim(0, -1)
         return out
 
 
@@ -125,6 +139,8 @@ class KFAC(LinearOperator):
         split_dim: THOR's block splitting: factors larger than ``split_dim`` are replaced by
             their block-diagonal parts (blocks of at most ``split_dim``), so the operator and
             ``to_dense()`` are ``blockdiag(G) ⊗ blockdiag(A)`` per layer.
+        unitwise: Unit-wise blocks for BatchNorm/LayerNorm/GroupNorm affine parameters
+            (default); ``False`` treats them as unsupported.
 
     Attributes:
         layers: The :class:`~curvlab.kfac.layers.LayerTable`.
@@ -161,6 +177,7 @@ class KFAC(LinearOperator):
         ekfac: bool = False,
         strict: bool = False,
         split_dim: int | None = None,
+        unitwise: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -178,7 +195,8 @@ class KFAC(LinearOperator):
                 raise TypeError(f"parameter {name!r} is {p.dtype} on {p.device}, the first is "
                                 f"{first.dtype} on {first.device}; one dtype/device needed")
         self.layers = register_layers(model, list(selected), strict=strict, who="KFAC",
-                                      fallback="the operator is zero on them")
+                                      fallback="the operator is zero on them",
+                                      unitwise=unitwise)
         self.rule = loss_rule(loss_fn)
         if self.rule.reduction not in ("mean", "sum"):
             raise ValueError(f"{self.rule.name}: K-FAC needs reduction 'mean' or 'sum'")
@@ -217,10 +235,16 @@ class KFAC(LinearOperator):
             self.factors = accumulate_factors(
                 [kfac_factors(model, loss_fn, x, y, self.layers, **kw) for x, y in batches], red)
         self.engine.set_factors(self.factors, self.tridiagonal)
+        #: ``{norm layer name: (U, d, d)}`` unit-wise Fisher blocks.
+        self.unit_factors: dict[str, Tensor] = {}
+        if self.layers.norm:
+            self.unit_factors = self._unit_factors(batches, kw)
+            self.engine.set_factors(self.unit_factors)
         if ekfac:
             self.engine.refresh()
-            bases = {n: (b.eig.eigenvectors_A, b.eig.eigenvectors_G)
-                     for n, b in self.engine.blocks.items()}
+            bases = {la.name: (self.engine.blocks[la.name].eig.eigenvectors_A,
+                               self.engine.blocks[la.name].eig.eigenvectors_G)
+                     for la in self.layers}
             per = [ekfac_factors(model, loss_fn, x, y, self.layers, bases=bases, **kw)
                    for x, y in batches]
             total = sum(p[next(iter(p))].num_examples for p in per)
@@ -233,15 +257,31 @@ class KFAC(LinearOperator):
                 self.ekfac_factors[n] = EKFACFactors(u_a, u_g, s, total)
                 self.engine.blocks[n].set_scalings(s)
 
+    def _unit_factors(self, batches, kw) -> dict[str, Tensor]:
+        """Unit-wise Fisher blocks of the normalization layers over ``batches`` (combined as
+        for one concatenated batch, like ``G``)."""
+        per, counts = [], []
+        for x, y in batches:
+            cap, n, rule = capture_statistics(self.model, self.loss_fn, x, y, self.layers.norm,
+                                              **kw)
+            per.append({la.name: unit_fisher(la, cap.layer_inputs(la.name),
+                                             cap.layer_output_grads(la.name), n,
+                                             fisher=self.fisher, reduction=rule.reduction,
+                                             mc_samples=self.mc_samples)
+                        for la in self.layers.norm})
+            counts.append(n)
+        total = sum(counts)
+        mean = self.rule.reduction == "mean"
+        return {name: sum(p[name] * (c / total if mean else 1.0)
+                          for p, c in zip(per, counts, strict=True)) for name in per[0]}
+
     @property
     def unsupported(self) -> dict[str, list[str]]:
         """``{module name: [parameter names]}`` the operator treats as zero."""
         return self.layers.unsupported
 
-    def _layer_products(self, mats: list[Tensor]) -> list[Tensor]:
-        res = self.engine.multiply({la.name: m for la, m in zip(self.layers, mats, strict=True)},
-                                   power=1)
-        return [res[la.name] for la in self.layers]
+    def _layer_products(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.engine.multiply(mats, power=1)
 
     def _matmat(self, M: Tensor) -> Tensor:
         cols = unflatten(M, self.param_shapes)
@@ -343,10 +383,8 @@ class KFACInverse(LinearOperator):
     def _matmat(self, M: Tensor) -> Tensor:
         cols = unflatten(M, self.param_shapes)
         mats = self._layout.to_matrices(cols)
-        res_d = self._engine.multiply(
-            {la.name: m for la, m in zip(self.layers, mats, strict=True)}, -1, self.damping,
-            inverse=self.method if self.tridiagonal is None else None)
-        res = [res_d[la.name] for la in self.layers]
+        res = self._engine.multiply(mats, -1, self.damping,
+                                    inverse=self.method if self.tridiagonal is None else None)
         out = self._layout.from_matrices(res, cols)
         for i in self._layout.free:
             out[i] = cols[i] / self.damping

@@ -79,6 +79,7 @@ from curvlab.func.linearize import linearize
 from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, batch_size_of, cloned_buffers
 from curvlab.kfac import FactorCapture, KFACLayer, KroneckerEngine, register_layers
+from curvlab.kfac.distributed import DistributedKFAC, wants_distributed
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.optim._common import check_hyper, check_int, dot64, is_finite, replay_rng, rng_state
 from curvlab.optim.base import CurvatureOptimizer, SkipStep
@@ -129,6 +130,9 @@ class KFACOptimizer(CurvatureOptimizer):
             and no sampled backward runs when no layer needs a new ``G``.
         split_dim: THOR's block splitting of factors larger than ``split_dim``
             (:mod:`curvlab.kfac.split`); ``None``: no splitting.
+        unitwise: SP-NGD's unit-wise natural gradient for BatchNorm/LayerNorm/GroupNorm
+            affine parameters (default, :mod:`curvlab.kfac.unitwise`); ``False``: they get
+            the plain gradient.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine` (factors, inverses, EKFAC).
@@ -177,6 +181,12 @@ class KFACOptimizer(CurvatureOptimizer):
         num_forced_inverses: int = 3,
         refresh: RefreshPolicy | None = None,
         split_dim: int | None = None,
+        unitwise: bool = True,
+        distributed: bool | None = None,
+        distributed_mode: str | None = None,
+        grad_worker_fraction: float | None = None,
+        process_group: Any = None,
+        distributed_options: dict[str, Any] | None = None,
     ) -> None:
         defaults = {
             "lr": check_hyper("lr", lr, minimum=0.0, strict=True),
@@ -202,19 +212,21 @@ class KFACOptimizer(CurvatureOptimizer):
         self.num_forced_inverses = check_int("num_forced_inverses", num_forced_inverses, 0)
         table = register_layers(model, self.params, strict=strict, who=type(self).__name__,
                                 fallback="these parameters get the plain gradient "
-                                "(identity preconditioner)")
+                                "(identity preconditioner)",
+                                unitwise=unitwise)
         self.layers: list[KFACLayer] = list(table.layers)
         self.unsupported: list[str] = [n for ps in table.unsupported.values() for n in ps]
         reduction = self.rule.reduction if self.rule.reduction in ("mean", "sum") else "mean"
         self.engine = KroneckerEngine(
-            self.layers, fisher=fisher, reduction=reduction, mc_samples=self.mc_samples,
+            table, fisher=fisher, reduction=reduction, mc_samples=self.mc_samples,
             inverse=inverse, ekfac=ekfac, ema_decay=self.ema_decay, structure=structure,
             split_dim=split_dim,
             refresh=refresh if refresh is not None else FixedRefresh(
                 cov_interval, inv_interval, self.num_forced_inverses))
         self.refresh_policy = self.engine.policy
         self.inverse, self.ekfac, self.structure = inverse, bool(ekfac), structure
-        self.capture = FactorCapture(self.layers)
+        self.norm_layers = list(table.norm)
+        self.capture = FactorCapture([*self.layers, *self.norm_layers])
         self.device = next(iter(self.params.values())).device
         if generator is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -229,6 +241,17 @@ class KFACOptimizer(CurvatureOptimizer):
         self.counters.update(factor_updates=0, inverse_updates=0)
         #: The proposal Δ of the last adaptive step (diagnostics, tests).
         self.last_proposal: list[Tensor] | None = None
+        # -- distributed K-FAC (curvlab.kfac.distributed): gradients averaged here --
+        self.dist: DistributedKFAC | None = None
+        if wants_distributed(distributed, distributed_mode, grad_worker_fraction, process_group,
+                             type(self).__name__):
+            if self.adaptive or (self.kl_clip is not None and distributed_mode == "sp-ngd"):
+                raise ValueError(f"{type(self).__name__}: distributed K-FAC does not support "
+                                 "adaptive=True, nor kl_clip with distributed_mode='sp-ngd'")
+            self.dist = DistributedKFAC(
+                self.engine, self.params, mode=distributed_mode or "kaisa",
+                grad_worker_fraction=grad_worker_fraction, group=process_group,
+                who=type(self).__name__, **(distributed_options or {}))
 
     # ---- helpers -------------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
@@ -316,7 +339,7 @@ class KFACOptimizer(CurvatureOptimizer):
             else:
                 vectors = self.rule.sqrt_hessian(out.detach(), targets)
             weights = list({id(la.weight_param): la.weight_param
-                            for la in self.layers}.values())
+                            for la in [*self.layers, *self.norm_layers]}.values())
             for j, vec in enumerate(vectors):
                 torch.autograd.grad(out, weights, vec.to(out.dtype),
                                     retain_graph=j < len(vectors) - 1, allow_unused=True)
@@ -328,14 +351,15 @@ class KFACOptimizer(CurvatureOptimizer):
         stats = self.engine.statistics(
             self.capture, num_examples, passes=None if self.fisher == "empirical" else passes,
             due=due)
-        missing = [la.name for la in self.layers if any(due[la.name])
-                   and la.name not in stats.A and la.name not in stats.G]
+        got = set(stats.A) | set(stats.G) | set(stats.F)
+        missing = [la.name for la in [*self.layers, *self.norm_layers] if any(due[la.name])
+                   and la.name not in got]
         if missing:
             warnings.warn(f"{type(self).__name__}: layers {missing} received no statistics "
                           "(module not called through its forward, or output not reaching the "
                           "loss); they keep their old factors or the plain gradient",
                           RuntimeWarning, stacklevel=3)
-        if not stats.is_finite():
+        if self.dist is None and not stats.is_finite():  # distributed: checked after reduce
             warnings.warn(f"{type(self).__name__}: non-finite curvature statistics; factors not "
                           "updated this step", RuntimeWarning, stacklevel=3)
             return None
@@ -346,7 +370,9 @@ class KFACOptimizer(CurvatureOptimizer):
         """``F̆⁻¹ g`` per layer (plain gradient for unsupported parameters / layers without an
         inverse yet)."""
         names = list(self.params)
-        pre = self.engine.precondition(dict(zip(names, grads, strict=True)), damping)
+        kaisa = self.dist is not None and self.dist.mode == "kaisa"
+        fn = self.dist.precondition if kaisa else self.engine.precondition
+        pre = fn(dict(zip(names, grads, strict=True)), damping)
         return [pre.get(n, g) for n, g in zip(names, grads, strict=True)]
 
     # ---- step ----------------------------------------------------------------------------
@@ -358,7 +384,16 @@ class KFACOptimizer(CurvatureOptimizer):
         params = list(self.params.values())
         rng = rng_state([*params, *[t for t in (inputs, targets) if isinstance(t, Tensor)]]) \
             if self.adaptive else None
-        loss, _, grads, passes = self._forward_backward(inputs, targets, cov, need_g)
+        try:
+            loss, _, grads, passes = self._forward_backward(inputs, targets, cov, need_g)
+        except SkipStep:
+            if self.dist is not None:  # every rank skips together
+                self.dist.agree(False)
+                self.dist.end_step()
+            raise
+        if self.dist is not None and not self.dist.agree(True):
+            self.dist.end_step()
+            raise SkipStep("loss or gradient on another rank", loss)
         stats = self._statistics(batch_size_of(inputs), passes, due) if cov else None
         self.capture.clear()
         weights = [p.detach() for p in params]
@@ -367,6 +402,8 @@ class KFACOptimizer(CurvatureOptimizer):
                      zip(grads, weights, self.group_values("weight_decay"), strict=True)]
 
         # -- all checks passed: from here on state changes --------------------------------
+        if self.dist is not None:
+            return self._distributed_step(loss, grads, stats, k)
         if stats is not None:
             self.engine.update(stats, k - 1)
             self.counters["factor_updates"] += 1
@@ -506,12 +543,61 @@ class KFACOptimizer(CurvatureOptimizer):
         return damping
 
     # ---- state ---------------------------------------------------------------------------
+    # ---- distributed K-FAC (curvlab.kfac.distributed) -----------------------------------
+    def _distributed_step(self, loss: Tensor, grads: list[Tensor], stats, k: int) -> Tensor:
+        """KAISA: averaged gradients and factors on every rank, replicated update; SP-NGD:
+        owners update their parameters, one all-gather of the weights."""
+        d, names, params = self.dist, list(self.params), list(self.params.values())
+        stats, avg = d.reduce(stats, dict(zip(names, grads, strict=True)))
+        if stats is not None and not stats.is_finite():
+            warnings.warn(f"{type(self).__name__}: non-finite curvature statistics; factors not "
+                          "updated this step", RuntimeWarning, stacklevel=3)
+            stats = None
+        if stats is not None and (stats.A or stats.G or getattr(stats, "F", None)):
+            d.update(stats, k - 1)
+            self.counters["factor_updates"] += 1
+        if d.refresh(k - 1):
+            self.counters["inverse_updates"] += 1
+        full = [avg[n] if n in avg else torch.zeros_like(p) for n, p in zip(names, params)]
+        update = self._plain_update(full)
+        mine = set(names) if d.mode == "kaisa" else set(d.owned_params())
+        with torch.no_grad():
+            for n, p, u in zip(names, params, update, strict=True):
+                if n in mine:
+                    p.add_(u)
+            if d.mode == "sp-ngd":
+                for n, w in d.gather({n: self.params[n].detach() for n in mine}).items():
+                    self.params[n].copy_(w)
+        d.end_step()
+        return loss
+
+    @property
+    def assignment(self):
+        """Distributed K-FAC's layer assignment (``None`` when not distributed)."""
+        return None if self.dist is None else self.dist.assignment
+
+    def comm_stats(self) -> dict[str, Any]:
+        """Bytes and calls per collective per step (:mod:`curvlab.kfac.distributed`)."""
+        if self.dist is None:
+            raise RuntimeError(f"{type(self).__name__}.comm_stats: not running distributed")
+        return self.dist.comm_stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """As the base class; distributed: a collective (every rank returns the full state)."""
+        if self.dist is not None:
+            self.dist.sync_param_state(self.state)
+        return super().state_dict()
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"engine": self.engine.state_dict(), "gamma": self.gamma,
+        engine = self.engine.state_dict() if self.dist is None else self.dist.engine_state()
+        return {"engine": engine, "gamma": self.gamma,
                 "generator": self.generator.get_state()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state["engine"])
+        if self.dist is not None:
+            self.dist.load_engine_state(state["engine"])
+        else:
+            self.engine.load_state_dict(state["engine"])
         self.gamma = float(state["gamma"])
         self.generator.set_state(state["generator"])
 

@@ -50,6 +50,7 @@ from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, select_params
 from curvlab.kfac import FactorCapture, KFACLayer, KroneckerEngine, register_layers
 from curvlab.kfac.capture import group_passes
+from curvlab.kfac.distributed import DistributedKFAC, run_step, wants_distributed
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.optim._common import check_hyper, check_int, dot64, is_finite
 
@@ -76,6 +77,9 @@ class KFACPreconditioner:
             :class:`curvlab.optim.KFACOptimizer`; default ``FixedRefresh(cov_interval,
             inv_interval, num_forced_inverses)``.
         split_dim: THOR's block splitting (:mod:`curvlab.kfac.split`); ``None``: none.
+        unitwise: SP-NGD's unit-wise natural gradient for BatchNorm/LayerNorm/GroupNorm
+            affine parameters (default, :mod:`curvlab.kfac.unitwise`); ``False``: they get
+            the plain gradient.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine`.
@@ -124,6 +128,12 @@ class KFACPreconditioner:
         num_forced_inverses: int = 3,
         refresh: RefreshPolicy | None = None,
         split_dim: int | None = None,
+        unitwise: bool = True,
+        distributed: bool | None = None,
+        distributed_mode: str | None = None,
+        grad_worker_fraction: float | None = None,
+        process_group: Any = None,
+        distributed_options: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.params = select_params(model, params)
@@ -152,19 +162,21 @@ class KFACPreconditioner:
         self.lr = lr
         table = register_layers(model, self.params, strict=strict, who="KFACPreconditioner",
                                 fallback="these parameters keep their plain gradient "
-                                "(identity preconditioner)")
+                                "(identity preconditioner)",
+                                unitwise=unitwise)
         self.layers: list[KFACLayer] = list(table.layers)
         self.unsupported = [n for ps in table.unsupported.values() for n in ps]
         self.engine = KroneckerEngine(
-            self.layers, fisher=fisher, reduction=loss_reduction, mc_samples=self.mc_samples,
+            table, fisher=fisher, reduction=loss_reduction, mc_samples=self.mc_samples,
             inverse=inverse, ekfac=ekfac, ema_decay=ema,
             split_dim=split_dim,
             refresh=refresh if refresh is not None else FixedRefresh(
                 self.cov_interval, self.inv_interval, self.num_forced_inverses))
         self.ekfac = bool(ekfac)
-        self.capture = FactorCapture(self.layers)
+        self.norm_layers = list(table.norm)
+        self.capture = FactorCapture([*self.layers, *self.norm_layers])
         self._mc_grads: dict[str, tuple[list[Tensor], list[int]]] = {
-            la.name: ([], []) for la in self.layers}
+            la.name: ([], []) for la in self.capture.layers}
         first = next(iter(self.params.values()))
         if generator is None and fisher == "mc":
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -176,6 +188,17 @@ class KFACPreconditioner:
         self._handles = [model.register_forward_pre_hook(self._pre_forward),
                          model.register_forward_hook(self._post_forward)]
         self._open = False
+        # -- distributed K-FAC (curvlab.kfac.distributed) --
+        self.dist: DistributedKFAC | None = None
+        if wants_distributed(distributed, distributed_mode, grad_worker_fraction, process_group,
+                             "KFACPreconditioner"):
+            if self.kl_clip is not None and distributed_mode == "sp-ngd":
+                raise ValueError("KFACPreconditioner: kl_clip is not supported with "
+                                 "distributed_mode='sp-ngd'")
+            self.dist = DistributedKFAC(
+                self.engine, self.params, mode=distributed_mode or "kaisa",
+                grad_worker_fraction=grad_worker_fraction, group=process_group,
+                who="KFACPreconditioner", **(distributed_options or {}))
 
     # ---- hooks -----------------------------------------------------------------------------
     def _cov_step(self) -> bool:
@@ -211,7 +234,8 @@ class KFACPreconditioner:
             return  # not a covariance step (nothing captured)
         before = {n: len(g) for n, g in self.capture.output_grads.items()}
         vectors = self.rule.sample_grads(output.detach(), self.mc_samples, self.generator)
-        weights = list({id(la.weight_param): la.weight_param for la in self.layers}.values())
+        weights = list({id(la.weight_param): la.weight_param
+                        for la in [*self.layers, *self.norm_layers]}.values())
         for vec in vectors:
             torch.autograd.grad(output, weights, vec.to(output.dtype), retain_graph=True,
                                 allow_unused=True)
@@ -235,7 +259,12 @@ class KFACPreconditioner:
         if not present:
             raise RuntimeError("KFACPreconditioner.step: no parameter has a .grad; call "
                                "loss.backward() first")
-        if not is_finite(*[grads[i] for i in present]):
+        finite = is_finite(*[grads[i] for i in present])
+        if self.dist is not None:
+            finite = self.dist.agree(finite)  # every rank skips together
+        if not finite:
+            if self.dist is not None:
+                self.dist.end_step()
             self.counters["skipped_steps"] += 1
             warnings.warn("KFACPreconditioner: non-finite gradients; .grad and the K-FAC state "
                           f"are left unchanged (skipped steps so far: "
@@ -245,16 +274,22 @@ class KFACPreconditioner:
         step = self.steps
         stats = self._statistics() if self._cov_step() else None
         self._clear()
-        if stats is not None:
-            self.engine.update(stats, step)
-            self.counters["factor_updates"] += 1
-        if self.engine.refresh_due(step):
-            self.counters["inverse_updates"] += 1
-        if self.ekfac and stats is not None:
-            self.engine.update_scalings(stats)
         filled = {n: g if g is not None else torch.zeros_like(p)
                   for n, g, p in zip(names, grads, self.params.values(), strict=True)}
-        new = self.engine.precondition(filled, self.damping)
+        if self.dist is not None:  # -- distributed K-FAC (curvlab.kfac.distributed) --
+            new, _, updated, refreshed = run_step(self.dist, step, stats, filled, self.damping)
+            self.counters["factor_updates"] += int(updated)
+            self.counters["inverse_updates"] += int(bool(refreshed))
+            self.dist.end_step()
+        else:
+            if stats is not None:
+                self.engine.update(stats, step)
+                self.counters["factor_updates"] += 1
+            if self.engine.refresh_due(step):
+                self.counters["inverse_updates"] += 1
+            if self.ekfac and stats is not None:
+                self.engine.update_scalings(stats)
+            new = self.engine.precondition(filled, self.damping)
         done = [i for i, n in enumerate(names) if n in new and grads[i] is not None]
         if self.kl_clip is not None and done:
             lr = self._current_lr()
@@ -279,25 +314,36 @@ class KFACPreconditioner:
         if self.fisher == "mc":
             mc = {la.name: group_passes(la.name, *self._mc_grads[la.name],
                                         max(1, self.capture.calls(la.name)))
-                  for la in self.layers if self.capture.inputs[la.name]}
-            if any(self.capture.inputs[la.name] for la in self.layers) \
+                  for la in self.capture.layers if self.capture.inputs[la.name]}
+            if any(self.capture.inputs[la.name] for la in self.capture.layers) \
                     and not any(mc.values()):
                 raise RuntimeError(
                     "KFACPreconditioner(fisher='mc'): no sampled passes on a covariance "
                     "step; call precond.sample_backward(output) after the forward")
-        num = next((self.capture.layer_inputs(la.name).shape[0] for la in self.layers
+        num = next((self.capture.layer_inputs(la.name).shape[0] for la in self.capture.layers
                     if self.capture.inputs[la.name]), 0)
         stats = self.engine.statistics(self.capture, num, grads=mc,
                                        due=self.engine.due_statistics(self.steps))
-        if not stats.A:
+        if not (stats.A or stats.F):
             return None
-        if not stats.is_finite():
+        if self.dist is None and not stats.is_finite():  # distributed: checked after reduce
             warnings.warn("KFACPreconditioner: non-finite curvature statistics; factors not "
                           "updated this step", RuntimeWarning, stacklevel=3)
             return None
         return stats
 
     # ---- state ------------------------------------------------------------------------------
+    @property
+    def assignment(self):
+        """Distributed K-FAC's layer assignment (``None`` when not distributed)."""
+        return None if self.dist is None else self.dist.assignment
+
+    def comm_stats(self) -> dict[str, Any]:
+        """Bytes and calls per collective per step (:mod:`curvlab.kfac.distributed`)."""
+        if self.dist is None:
+            raise RuntimeError("KFACPreconditioner.comm_stats: not running distributed")
+        return self.dist.comm_stats()
+
     def memory_usage(self) -> dict[str, int]:
         """Bytes of the factors, of the inverses, and their total."""
         return self.engine.memory_bytes()
@@ -305,13 +351,17 @@ class KFACPreconditioner:
     def state_dict(self) -> dict[str, Any]:
         """Engine state (factors, eigendecompositions, scalings), step count, counters,
         generator state."""
-        return {"engine": self.engine.state_dict(), "steps": self.steps,
+        engine = self.engine.state_dict() if self.dist is None else self.dist.engine_state()
+        return {"engine": engine, "steps": self.steps,
                 "counters": dict(self.counters),
                 "generator": None if self.generator is None else self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`."""
-        self.engine.load_state_dict(state["engine"])
+        if self.dist is not None:
+            self.dist.load_engine_state(state["engine"])
+        else:
+            self.engine.load_state_dict(state["engine"])
         self.steps = int(state["steps"])
         self.counters = dict(state["counters"])
         if state["generator"] is not None and self.generator is not None:
