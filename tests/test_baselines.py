@@ -104,7 +104,7 @@ def test_dense_solvers_solve_rosenbrock(cls):
 def test_dense_lm_step_is_damped_gauss_newton():
     prob, model, batch = _rosen()
     theta = model.theta.detach().clone()
-    opt = DenseLevenbergMarquardt(model, prob.loss_fn, lambd=1e-3)
+    opt = DenseLevenbergMarquardt(model, prob.loss_fn, damping=1e-3)
     opt.step(*batch)
     r = prob.residuals(theta)
     J = torch.func.jacrev(prob.residuals)(theta)

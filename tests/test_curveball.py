@@ -68,13 +68,13 @@ def test_delta_z_matches_dense(which, wd):
     else:
         x, y = torch.randn(4, 1, 4, 4, dtype=DT), torch.randn(4, 3, dtype=DT)
         loss_fn = nn.MSELoss()
-    opt = CurveBall(model, loss_fn, lambd=0.7, weight_decay=wd)
-    opt.count = 3
-    opt.z = [torch.randn_like(p) for p in model.parameters()]
+    opt = CurveBall(model, loss_fn, damping=0.7, weight_decay=wd)
+    opt.counters["steps"] = 3
+    opt._set_velocity([torch.randn_like(p) for p in model.parameters()])
     q = opt.quadratic_model(x, y)
     g, G, _ = _dense(model, loss_fn, x, y, wd)
     H = G + (0.7 + wd) * torch.eye(G.shape[0], dtype=DT)
-    z = flatten(opt.z)
+    z = flatten(opt.velocity)
     torch.testing.assert_close(flatten(q["delta_z"]), H @ z + g, rtol=1e-8, atol=1e-12)
     dz = H @ z + g
     A = torch.tensor([[dz @ H @ dz, z @ H @ dz], [z @ H @ dz, z @ H @ z]], dtype=DT)
@@ -87,9 +87,9 @@ def _setup_random_z():
     torch.manual_seed(3)
     x, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 3, (6,))
     loss_fn = nn.CrossEntropyLoss()
-    opt = CurveBall(model, loss_fn, lambd=0.5, auto_lambda=False)
-    opt.count = 1
-    opt.z = [0.3 * torch.randn_like(p) for p in model.parameters()]
+    opt = CurveBall(model, loss_fn, damping=0.5, auto_lambda=False)
+    opt.counters["steps"] = 1
+    opt._set_velocity([0.3 * torch.randn_like(p) for p in model.parameters()])
     g, G, _ = _dense(model, loss_fn, x, y)
     H = G + 0.5 * torch.eye(G.shape[0], dtype=DT)
     return model, opt, x, y, g, H
@@ -97,10 +97,10 @@ def _setup_random_z():
 
 def test_rho_beta_minimise_quadratic_model_on_grid():
     _, opt, x, y, g, H = _setup_random_z()
-    z = flatten(opt.z)
+    z = flatten(opt.velocity)
     dz = H @ z + g
     opt.step(x, y)
-    rho, beta = opt.last["rho"], opt.last["beta"]
+    rho, beta = opt.diagnostics["rho"], opt.diagnostics["beta"]
 
     def fhat(r, b):
         s = r * z - b * dz
@@ -112,20 +112,20 @@ def test_rho_beta_minimise_quadratic_model_on_grid():
     grid_min = min(fhat(float(r), float(b)) for r in r_grid for b in b_grid)
     assert best <= grid_min + 1e-12
     # and the update applied is z_new = rho z - beta dz, w += z_new
-    torch.testing.assert_close(flatten(opt.z), rho * z - beta * dz, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(flatten(opt.velocity), rho * z - beta * dz, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("lr", [1.0, 0.5])
 def test_predicted_change_equals_model_change(lr):
     _, opt, x, y, g, H = _setup_random_z()
-    opt.lr = lr
+    opt.set_hyper("lr", lr)
     opt.auto_lambda = True
-    opt.count = 0
+    opt.counters["steps"] = 0
     opt.step(x, y)
-    s = lr * flatten(opt.z)
+    s = lr * flatten(opt.velocity)
     expected = g @ s + 0.5 * s @ H @ s
-    assert math.isclose(opt.last["predicted_change"], float(expected), rel_tol=1e-8)
-    assert opt.last["ratio"] is not None
+    assert math.isclose(opt.diagnostics["predicted_change"], float(expected), rel_tol=1e-8)
+    assert opt.diagnostics["ratio"] is not None
 
 
 def test_first_step_is_cauchy_step():
@@ -137,10 +137,10 @@ def test_first_step_is_cauchy_step():
     H = G + 1.0 * torch.eye(G.shape[0], dtype=DT)
     opt = CurveBall(model, loss_fn)  # default construction works
     opt.step(x, y)
-    assert opt.last["rho"] == 0.0
-    assert math.isclose(opt.last["beta"], float(g @ g / (g @ H @ g)), rel_tol=1e-8)
+    assert opt.diagnostics["rho"] == 0.0
+    assert math.isclose(opt.diagnostics["beta"], float(g @ g / (g @ H @ g)), rel_tol=1e-8)
     w1 = flatten([p.detach() for p in model.parameters()])
-    torch.testing.assert_close(w1, w0 - opt.last["beta"] * g, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(w1, w0 - opt.diagnostics["beta"] * g, rtol=1e-8, atol=1e-12)
 
 
 def test_zero_curvature_is_heavy_ball():
@@ -148,7 +148,7 @@ def test_zero_curvature_is_heavy_ball():
     ref = copy.deepcopy(model)
     torch.manual_seed(5)
     loss_fn = nn.CrossEntropyLoss()
-    opt = CurveBall(model, loss_fn, lambd=0.0, momentum=0.9, beta=0.1, auto_lambda=False)
+    opt = CurveBall(model, loss_fn, damping=0.0, momentum=0.9, beta=0.1, auto_lambda=False)
     opt.rule.hessian_vp = lambda out, target, v: torch.zeros_like(v)
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     for _ in range(5):
@@ -162,16 +162,16 @@ def test_zero_curvature_is_heavy_ball():
 
 
 def test_lambda_moves_in_right_direction():
-    opt = CurveBall(_mlp(), nn.CrossEntropyLoss(), lambd=2.0)
+    opt = CurveBall(_mlp(), nn.CrossEntropyLoss(), damping=2.0)
     omega = 0.999**5
     opt._adapt_lambda(0.1)  # model too optimistic -> more damping
-    assert math.isclose(opt.lambd, 2.0 / omega)
-    opt.lambd = 2.0
+    assert math.isclose(opt.hyper("damping"), 2.0 / omega)
+    opt.set_hyper("damping", 2.0)
     opt._adapt_lambda(3.0)  # better than predicted -> less damping
-    assert math.isclose(opt.lambd, 2.0 * omega)
-    opt.lambd = 2.0
+    assert math.isclose(opt.hyper("damping"), 2.0 * omega)
+    opt.set_hyper("damping", 2.0)
     opt._adapt_lambda(1.0)
-    assert opt.lambd == 2.0
+    assert opt.hyper("damping") == 2.0
 
 
 def test_lambda_test_only_every_interval_steps():
@@ -182,7 +182,7 @@ def test_lambda_test_only_every_interval_steps():
     tested = []
     for _ in range(7):
         opt.step(x, y)
-        tested.append(opt.last["ratio"] is not None)
+        tested.append(opt.diagnostics["ratio"] is not None)
     assert tested == [True, False, False, True, False, False, True]
     assert opt.counters["forward"] == 7 + 3
 
@@ -194,13 +194,13 @@ def test_fixed_rho_beta_never_overwritten():
     opt = CurveBall(model, nn.CrossEntropyLoss(), momentum=0.5)
     for _ in range(6):
         opt.step(x, y)
-        assert opt.last["rho"] == 0.5
-    assert opt.momentum == 0.5 and opt.beta is None
+        assert opt.diagnostics["rho"] == 0.5
+    assert opt.hyper("momentum") == 0.5 and opt.hyper("beta") is None
     opt2 = CurveBall(_mlp(), nn.CrossEntropyLoss(), momentum=0.8, beta=0.05)
     for _ in range(6):
         opt2.step(x, y)
-        assert (opt2.last["rho"], opt2.last["beta"]) == (0.8, 0.05)
-    assert opt2.state_dict()["momentum"] == 0.8
+        assert (opt2.diagnostics["rho"], opt2.diagnostics["beta"]) == (0.8, 0.05)
+    assert opt2.state_dict()["param_groups"][0]["momentum"] == 0.8
 
 
 def _bn_dropout_net() -> nn.Module:
@@ -256,8 +256,8 @@ def test_resume_is_bit_exact():
         opt_c.step(x, y)
     for p, q in zip(model_a.state_dict().values(), model_c.state_dict().values(), strict=True):
         assert torch.equal(p, q)
-    assert opt_a.lambd == opt_c.lambd and opt_a.count == opt_c.count
-    assert all(torch.equal(a, c) for a, c in zip(opt_a.z, opt_c.z, strict=True))
+    assert opt_a.hyper("damping") == opt_c.hyper("damping") and opt_a.steps == opt_c.steps
+    assert all(torch.equal(a, c) for a, c in zip(opt_a.velocity, opt_c.velocity, strict=True))
     assert opt_a.counters == opt_c.counters
 
 
@@ -277,8 +277,10 @@ def test_nan_input_skips_and_leaves_everything_untouched():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     after = opt.state_dict()
-    assert after["lambd"] == state["lambd"] and after["count"] == state["count"]
-    assert all(torch.equal(a, b) for a, b in zip(after["z"], state["z"], strict=True))
+    assert after["param_groups"][0]["damping"] == state["param_groups"][0]["damping"]
+    assert after["curvlab"]["counters"]["steps"] == state["curvlab"]["counters"]["steps"]
+    assert all(torch.equal(a["z"], b["z"])
+               for a, b in zip(after["state"].values(), state["state"].values(), strict=True))
     assert opt.counters["skipped_steps"] == 1
 
 
@@ -328,7 +330,7 @@ def test_solves_deterministic_rosenbrock():
 
     prob = StochasticRosenbrock(None, x0_noise=0.0)
     opt = CurveBall(
-        prob.make_model(), prob.loss_fn, lambd=0.1, lr=0.5, auto_lambda=False, engine="functional"
+        prob.make_model(), prob.loss_fn, damping=0.1, lr=0.5, auto_lambda=False, engine="functional"
     )
     inputs, targets = prob.draw_batch(None)
     it = _iters_to_tol(lambda: opt.step(inputs, targets))
@@ -339,7 +341,7 @@ def test_solves_deterministic_rosenbrock():
     def residuals(p, eps):
         return prob.residuals(p[0], eps)
 
-    opt2 = CurveBall.for_residuals(residuals, [w], lambd=0.1, lr=0.5, auto_lambda=False)
+    opt2 = CurveBall.for_residuals(residuals, [w], damping=0.1, lr=0.5, auto_lambda=False)
     assert _iters_to_tol(lambda: opt2.step(1.0)) == it
 
 
@@ -347,7 +349,7 @@ def test_solves_rahimi_recht():
     from curvlab.problems.rahimi_recht import make_rahimi_recht
 
     prob = make_rahimi_recht(seed=0)
-    opt = CurveBall(prob.model, prob.loss_fn, lambd=1.0, lr=1.0, auto_lambda=False)
+    opt = CurveBall(prob.model, prob.loss_fn, damping=1.0, lr=1.0, auto_lambda=False)
     assert _iters_to_tol(lambda: opt.step(prob.x, prob.y), budget=1000) < 1000
 
 

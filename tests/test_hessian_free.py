@@ -20,7 +20,7 @@ def test_exact_newton_on_linear_least_squares():
     model = nn.Linear(4, 1).double()
     x = torch.randn(50, 4, dtype=torch.float64)
     y = x @ torch.randn(4, 1, dtype=torch.float64) + 0.3
-    opt = HessianFree(model, nn.MSELoss(), lambd=1e-8, max_cg_iters=20, cg_tol=1e-12)
+    opt = HessianFree(model, nn.MSELoss(), damping=1e-8, max_cg_iters=20, cg_tol=1e-12)
     opt.step(x, y)
     assert float(nn.MSELoss()(model(x), y)) < 1e-12
 
@@ -29,18 +29,18 @@ def test_damping_rules_and_counters():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
-    opt = HessianFree(model, nn.MSELoss(), lambd=1.0, max_cg_iters=10)
+    opt = HessianFree(model, nn.MSELoss(), damping=1.0, max_cg_iters=10)
     losses = []
     for _ in range(8):
-        lam = opt.lambd
+        lam = opt.hyper("damping")
         losses.append(float(opt.step(x, y)))
-        r = opt.last["ratio"]
+        r = opt.diagnostics["ratio"]
         if r < 0.25:
-            assert opt.lambd == pytest.approx(lam * 1.5)
+            assert opt.hyper("damping") == pytest.approx(lam * 1.5)
         elif r > 0.75:
-            assert opt.lambd == pytest.approx(lam * 2 / 3)
+            assert opt.hyper("damping") == pytest.approx(lam * 2 / 3)
         else:
-            assert opt.lambd == lam
+            assert opt.hyper("damping") == lam
     assert losses[-1] < losses[0]
     assert opt.counters["steps"] == 8
     assert opt.counters["ggn_products"] >= 8

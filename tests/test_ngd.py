@@ -45,7 +45,7 @@ def test_empirical_fisher_matches_per_example_gradients():
         rows.append(flat_grad(net, loss_fn, x[n:n + 1], y[n:n + 1]))
     G = torch.stack(rows)
     expected = G.T @ G / 5
-    F = dense_curvature(net, loss_fn, x, y, curvature="empirical")
+    F = dense_curvature(net, loss_fn, x, y, fisher="empirical")
     torch.testing.assert_close(F, expected, rtol=1e-8, atol=1e-12)
 
 
@@ -107,17 +107,17 @@ def test_float32_model_with_float64_solve_decreases_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("curvature", ["ggn", "empirical"])
-def test_per_example_fast_path_equals_explicit_jacobian(curvature):
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_per_example_fast_path_equals_explicit_jacobian(fisher):
     torch.manual_seed(4)
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(2 * 3 * 3, 3)).to(DT)
     x, y = torch.randn(7, 1, 6, 6, dtype=DT), torch.randint(0, 3, (7,))
     ref = copy.deepcopy(net)
     fast = NaturalGradient(net, nn.CrossEntropyLoss(), lr=0.5, damping=1e-2,
-                           curvature=curvature)
+                           fisher=fisher)
     slow = NaturalGradient(ref, nn.CrossEntropyLoss(), lr=0.5, damping=1e-2,
-                           curvature=curvature, per_example=False)
+                           fisher=fisher, per_example=False)
     assert fast._fast_layers is not None and slow._fast_layers is None
     fast.step(x, y)
     slow.step(x, y)
