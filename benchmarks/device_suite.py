@@ -116,8 +116,13 @@ def _units_status(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns 0 when no part ended in an error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: the full sizes are for the GPU machine; use --smoke here")
     cfg = suite_config(args.smoke)
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny sizes: one thread is faster and steadier on a shared CPU
     clock = Clock(args.budget_s, cfg.reserve_s, start=T0)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "device_suite.py"
@@ -88,3 +89,28 @@ def test_budget_too_small_records_not_run(tmp_path):
     if part["status"] != "not run: budget":
         exps = part["result"]["experiments"]
         assert all(e["status"].startswith("not run") for e in exps.values()), exps
+
+
+def test_full_configuration_names_are_known():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from device.config import BENCH_MODELS, suite_config
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from curvlab.experiments import list_experiments
+
+    registered = {e.name for e in list_experiments()}
+    for smoke in (True, False):
+        cfg = suite_config(smoke)
+        units = cfg.product_units + cfg.step_units
+        assert {m for m, _ in units} | set(cfg.models) <= set(BENCH_MODELS)
+        assert {d for _, d in units} <= {"fp32", "bf16"}
+        assert {p.name for p in cfg.experiments} <= registered
+        assert sum(cfg.part_caps.values()) > 0 and set(cfg.part_caps) == set(PARTS)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_full_sizes_refused_without_cuda(tmp_path):
+    proc = subprocess.run([sys.executable, str(SUITE), "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "use --smoke" in proc.stderr

@@ -109,7 +109,7 @@ def suite_config(smoke: bool) -> SuiteConfig:
             step_units=((mlp, "fp32"), (mlp, "bf16")),
             product_repeats=1, step_repeats=1, steps_per_round=1, kfac_repeats=1,
             kfac_inverses=("eigen",), memory_models=(mlp,),
-            part_caps={"env": 10, "gpu-tests": 10, "products": 15, "optimizers": 20,
+            part_caps={"env": 10, "gpu-tests": 10, "products": 25, "optimizers": 20,
                        "experiments": 30},
             experiments=(
                 ExperimentPlan("kfac-anatomy", full=False, seeds=None, cap_s=25, min_s=1),
