@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from curvlab.kfac.refresh import AdaptiveRefresh, FixedRefresh
 from curvlab.optim import KFACOptimizer
 from curvlab.optim.preconditioner import KFACPreconditioner
 
@@ -36,8 +37,18 @@ def make_data(steps: int = STEPS):
     return xs, ys
 
 
-def build(kind: str, net: nn.Module, **dist_kw):
+def make_refresh(name: str | None):
+    if name == "fixed2":
+        return FixedRefresh(cov_interval=2, inv_interval=3, num_forced_inverses=1)
+    if name == "adaptive":
+        return AdaptiveRefresh(alpha=0.5, grow="add1", max_interval=3)
+    return None
+
+
+def build(kind: str, net: nn.Module, refresh: str | None = None, **dist_kw):
     loss_fn = nn.CrossEntropyLoss()
+    if refresh is not None:
+        dist_kw["refresh"] = make_refresh(refresh)
     if kind == "precond":
         pre = KFACPreconditioner(net, loss_fn, damping=0.1, fisher="empirical", inv_interval=3,
                                  **dist_kw)
@@ -63,6 +74,12 @@ def train(kind: str, net, obj, sgd, xs, ys, start: int, stop: int, rank=0, world
 
 def flat(net) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+STALE = [("fixed2", {"distributed_mode": "sp-ngd", "refresh": "fixed2"}),
+         ("adaptive", {"distributed_mode": "sp-ngd", "refresh": "adaptive"}),
+         ("adaptive-mem", {"distributed_mode": "kaisa", "grad_worker_fraction": 0.5,
+                           "refresh": "adaptive"})]
 
 
 def scenarios(world: int):
@@ -166,6 +183,8 @@ def main(rank: int, world: int, port: int, out: str, full: bool) -> None:
             for tag, kw in scenarios(world):
                 run_mode(kind, tag, kw, rank, world, out, xs, ys)
         if full:
+            for tag, kw in STALE:
+                run_mode("precond", tag, kw, rank, world, out, xs, ys)
             run_resume("optim", {"distributed_mode": "kaisa", "grad_worker_fraction": 0.5},
                        rank, world, out, xs, ys)
             run_resume("precond", {"distributed_mode": "sp-ngd"}, rank, world, out, xs, ys)

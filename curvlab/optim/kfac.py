@@ -78,7 +78,13 @@ from torch import Tensor, nn
 from curvlab.func.linearize import linearize
 from curvlab.func.losses import loss_rule
 from curvlab.func.params import ParamsArg, batch_size_of, cloned_buffers
-from curvlab.kfac import FactorCapture, KFACLayer, KroneckerEngine, register_layers
+from curvlab.kfac import (
+    FactorCapture,
+    KFACLayer,
+    KroneckerEngine,
+    LayerStatistics,
+    register_layers,
+)
 from curvlab.kfac.distributed import DistributedKFAC, wants_distributed
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.optim._common import check_hyper, check_int, dot64, is_finite, replay_rng, rng_state
@@ -552,10 +558,11 @@ class KFACOptimizer(CurvatureOptimizer):
         if stats is not None and not stats.is_finite():
             warnings.warn(f"{type(self).__name__}: non-finite curvature statistics; factors not "
                           "updated this step", RuntimeWarning, stacklevel=3)
-            stats = None
-        if stats is not None and (stats.A or stats.G or getattr(stats, "F", None)):
+            stats = LayerStatistics()  # empty: SP-NGD's policy sync still runs on every rank
+        if stats is not None:
             d.update(stats, k - 1)
-            self.counters["factor_updates"] += 1
+            self.counters["factor_updates"] += int(bool(stats.A or stats.G
+                                                        or getattr(stats, "F", None)))
         if d.refresh(k - 1):
             self.counters["inverse_updates"] += 1
         full = [avg[n] if n in avg else torch.zeros_like(p) for n, p in zip(names, params)]

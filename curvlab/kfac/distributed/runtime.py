@@ -468,9 +468,9 @@ def run_step(d: DistributedKFAC, step: int, stats: LayerStatistics | None,
     if stats is not None and not stats.is_finite():
         warnings.warn(f"{d.who}: non-finite curvature statistics; factors not updated this "
                       "step", RuntimeWarning, stacklevel=3)
-        stats = None
+        stats = LayerStatistics()  # (empty: SP-NGD's policy sync still runs everywhere)
     updated = stats is not None and bool(stats.A or stats.G or getattr(stats, "F", None))
-    if updated:
+    if stats is not None:
         d.update(stats, step)
     refreshed = d.refresh(step)
     if spngd:
