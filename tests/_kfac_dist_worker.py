@@ -88,6 +88,12 @@ def scenarios(world: int):
              ("sp-ngd", {"distributed_mode": "sp-ngd"})]
     if world == 4:
         modes.insert(2, ("hybrid", {"distributed_mode": "kaisa", "grad_worker_fraction": 0.5}))
+    else:
+        modes += [("comm-opt-triu", {"distributed_mode": "kaisa",
+                                     "distributed_options": {"symmetry_aware": True}}),
+                  ("sp-ngd-emulated", {"distributed_mode": "sp-ngd",
+                                       "distributed_options": {"emulate": True,
+                                                               "symmetry_aware": True}})]
     return modes
 
 

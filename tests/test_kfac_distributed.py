@@ -97,7 +97,8 @@ def test_comm_counts_and_cost_model(runs):
     for world, kind, tag in CASES:
         kw = dict(w.scenarios(world))[tag]
         model = step_cost(layers, world, kw["distributed_mode"],
-                          kw.get("grad_worker_fraction", 1.0), entry=kind, elem_bytes=8)
+                          kw.get("grad_worker_fraction", 1.0), entry=kind, elem_bytes=8,
+                          **kw.get("distributed_options", {}))
         for r, res in enumerate(_load(runs[world], f"{kind}_{tag}", world)):
             assert res["comm"]["last_step"] == model[r]["comm"], (world, kind, tag, r)
     # COMM-OPT: inverses broadcast only on the 6 refresh steps of 10 (inv_interval=3, 3 forced)
