@@ -80,6 +80,13 @@ class KFACPreconditioner:
         unitwise: SP-NGD's unit-wise natural gradient for BatchNorm/LayerNorm/GroupNorm
             affine parameters (default, :mod:`curvlab.kfac.unitwise`); ``False``: they get
             the plain gradient.
+        distributed, distributed_mode, grad_worker_fraction, process_group,
+            distributed_options: Distributed K-FAC (:mod:`curvlab.kfac.distributed`;
+            construct after ``init_process_group``). ``distributed=None`` runs distributed
+            when a group of more than one rank is initialized; ``distributed_mode``
+            ``'kaisa'`` (default; ``grad_worker_fraction`` 1 = COMM-OPT, ``1/W`` = MEM-OPT)
+            or ``'sp-ngd'``; ``distributed_options``: ``strategy``, ``symmetry_aware``,
+            ``bucket_cap_mb``, ``emulate``. ``assignment`` and ``comm_stats()`` inspect it.
 
     Attributes:
         engine: The :class:`~curvlab.kfac.KroneckerEngine`.
