@@ -337,3 +337,17 @@ def _forward(model, tokens, targets, params):
     names = [n for n, _ in model.named_parameters()]
     out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (tokens,))
     return out, targets
+
+
+def test_padded_batches_are_weighted_by_their_non_ignored_targets():
+    """Two padded batches give the curvature of one concatenated batch (mean over targets)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    y[[0, 1, 2, 7]] = -100  # batch 1 keeps 2 of 5 targets, batch 2 keeps 4 of 5
+    for op in (curvlab.GGN, curvlab.EmpiricalFisher):
+        split = op(net, loss_fn, [(x[:5], y[:5]), (x[5:], y[5:])]).to_dense()
+        whole = op(net, loss_fn, (x, y)).to_dense()
+        torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)

@@ -264,7 +264,7 @@ def _cotangents(
     if fisher == "type2":
         return rule.sqrt_hessian(out, targets)
     if fisher == "mc":
-        return rule.sample_grads(out, mc_samples, generator)
+        return rule.sample_grads(out, mc_samples, generator, target=targets)
     if fisher == "empirical":
         return rule.grad(out, targets).unsqueeze(0)
     raise ValueError(f"fisher must be one of {_FISHER_TYPES}, got {fisher!r}")

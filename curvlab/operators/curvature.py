@@ -203,11 +203,13 @@ class CurvatureOperator(LinearOperator):
         if not out_dtype.is_floating_point:
             raise TypeError(f"model output has dtype {out_dtype}, expected floating point")
 
-    def _units(self, output: Tensor, inputs: Any) -> int:
-        """Weight of a batch under 'mean' reduction (see the module docstring)."""
+    def _units(self, output: Tensor, inputs: Any, targets: Any = None) -> int | float:
+        """Weight of a batch under 'mean' reduction (see the module docstring): the loss terms
+        the reduction divides by (for cross-entropy with ``ignore_index`` or class weights,
+        the non-ignored targets or their total weight)."""
         if self._weight_by_examples or self.rule.reduction not in ("mean", "sum"):
             return batch_size_of(inputs)
-        return self.rule.num_loss_terms(output)
+        return self.rule.num_loss_terms(output, targets)
 
     # ------------------------------------------------------------------ products
 
@@ -230,7 +232,7 @@ class CurvatureOperator(LinearOperator):
         self._begin_product()
         for inputs, targets in self.batches():
             prod, output = self._batch_products(inputs, targets, vs)
-            u = self._units(output, inputs) if mean else 1
+            u = self._units(output, inputs, targets) if mean else 1
             if total is None:
                 total, first_units = prod, u
             else:

@@ -100,7 +100,7 @@ class Fisher(CurvatureOperator):
 
         def prepare(out: Tensor) -> None:
             # one draw per batch and product, shared by every column
-            cache.append(rule.sample_grads(out, s, gen))
+            cache.append(rule.sample_grads(out, s, gen, target=targets))
 
         def output_space(out: Tensor, u: Tensor) -> Tensor:
             samples = cache[0]  # (S, N, ...)

@@ -348,7 +348,8 @@ class KFACOptimizer(CurvatureOptimizer):
         passes = 0
         if extra:
             if self.fisher == "mc":
-                vectors = self.rule.sample_grads(out.detach(), self.mc_samples, self.generator)
+                vectors = self.rule.sample_grads(out.detach(), self.mc_samples, self.generator,
+                                                  target=targets)
             else:
                 vectors = self.rule.sqrt_hessian(out.detach(), targets)
             weights = list({id(la.weight_param): la.weight_param

@@ -229,18 +229,20 @@ class KFACPreconditioner:
         self.capture.remove()
 
     # ---- Monte-Carlo passes ----------------------------------------------------------------
-    def sample_backward(self, output: Tensor) -> None:
+    def sample_backward(self, output: Tensor, targets: Tensor | None = None) -> None:
         """Back-propagate sampled-target gradients of ``output`` (for ``fisher='mc'``).
 
         Call after the forward that produced ``output`` on a covariance step (a no-op on other
-        steps); ``.grad`` is not modified and the graph is retained.
+        steps); ``.grad`` is not modified and the graph is retained. Pass ``targets`` when the
+        loss ignores some positions (cross-entropy ``ignore_index``): no sample is drawn there.
         """
         if self.fisher != "mc":
             raise RuntimeError("sample_backward is only used with fisher='mc'")
         if not any(self.capture.inputs[layer.name] for layer in self.layers):
             return  # not a covariance step (nothing captured)
         before = {n: len(g) for n, g in self.capture.output_grads.items()}
-        vectors = self.rule.sample_grads(output.detach(), self.mc_samples, self.generator)
+        vectors = self.rule.sample_grads(output.detach(), self.mc_samples, self.generator,
+                                         target=targets)
         weights = list({id(la.weight_param): la.weight_param
                         for la in [*self.layers, *self.norm_layers]}.values())
         for vec in vectors:
