@@ -82,6 +82,7 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
     "autoencoder",
     "cnn_classification",
     "large_batch",
+    "stale_statistics",
 )
 
 
