@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab.kfac.attention import attention_forward
 from curvlab.kfac.layers import KFACLayer, LayerTable
 
 __all__ = ["FactorCapture", "expand_conv_input", "group_passes"]
@@ -128,16 +129,19 @@ class FactorCapture:
         #: ``inputs[name]``) whose output received it.
         self.grad_calls: dict[str, list[int]] = {layer.name: [] for layer in self.layers}
         self._handles: list = []
+        self._patched: list[nn.Module] = []
 
     # ------------------------------------------------------------------ hooks
+    def _record(self, layer: KFACLayer, x: Tensor, output: Tensor) -> None:
+        call = len(self.inputs[layer.name])
+        if self.record_inputs:
+            self.inputs[layer.name].append(self._expand_input(layer, x.detach()))
+        if self.record_output_grads and isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(self._tensor_hook(layer, call))
+
     def _forward_hook(self, layer: KFACLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0]
-            call = len(self.inputs[layer.name])
-            if self.record_inputs:
-                self.inputs[layer.name].append(self._expand_input(layer, x.detach()))
-            if self.record_output_grads and isinstance(output, Tensor) and output.requires_grad:
-                output.register_hook(self._tensor_hook(layer, call))
+            self._record(layer, args[0], output)
 
         return hook
 
@@ -154,6 +158,8 @@ class FactorCapture:
             return layer.expand_input(x)
         if layer.kind == "conv2d":
             return expand_conv_input(layer.module, x, layer.group)
+        if layer.kind == "embedding":  # token indices (N, T)
+            return x.reshape(x.shape[0], -1).clone() if x.dim() > 1 else x.reshape(-1, 1).clone()
         if x.dim() == 1:
             x = x.unsqueeze(0)
         return x.reshape(x.shape[0], -1, x.shape[-1]).clone()
@@ -172,11 +178,28 @@ class FactorCapture:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> FactorCapture:
-        if self._handles:
+        if self._handles or self._patched:
             raise RuntimeError("FactorCapture is already active (not re-entrant)")
+        attention: dict[int, list[KFACLayer]] = {}
         for layer in self.layers:
+            if layer.kind == "attention-in":
+                attention.setdefault(id(layer.module), []).append(layer)
+                continue
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        for group in attention.values():
+            self._patch_attention(group)
         return self
+
+    def _patch_attention(self, group: list[KFACLayer]) -> None:
+        module = group[0].module
+        by_proj = {layer.group: layer for layer in group}
+
+        def record(j: int, x: Tensor, y: Tensor) -> None:
+            if j in by_proj:
+                self._record(by_proj[j], x, y)
+
+        module.forward = attention_forward(module, record)
+        self._patched.append(module)
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
@@ -186,6 +209,9 @@ class FactorCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._patched:
+            del module.forward  # back to the class's (fused) forward
+        self._patched.clear()
 
     def clear(self) -> None:
         """Forget all recorded tensors."""

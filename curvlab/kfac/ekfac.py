@@ -167,6 +167,8 @@ def ekfac_factors(
                                       mc_samples=mc_samples, generator=generator)
     out = {}
     for layer in _layer_list(layers):
+        if layer.kind == "embedding":  # diagonal A: its eigenbasis is the identity, K-FAC's
+            continue  # eigenvalues are kept (EKFAC applies to the other layers)
         xs, gs = cap.layer_inputs(layer.name), cap.layer_output_grads(layer.name)
         if bases is not None and layer.name in bases:
             u_a, u_g = bases[layer.name]

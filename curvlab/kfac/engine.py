@@ -35,12 +35,14 @@ from curvlab.kfac.blocks import InverseKind, KroneckerBlock, check_inverse
 from curvlab.kfac.capture import FactorCapture
 from curvlab.kfac.ekfac import ekfac_scalings
 from curvlab.kfac.factors import (
+    KFAC_APPROX,
     KroneckerFactors,
     cross_input_factor,
     cross_output_factor,
     fisher_scale,
     input_factor,
     output_factor,
+    reduce_shared,
 )
 from curvlab.kfac.inverse import EighError
 from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
@@ -77,13 +79,13 @@ def register_layers(
     the gradient through), stated in the warning by ``fallback``.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Embedding(3, 2))
-        >>> table = register_layers(net, dict(net.named_parameters()), strict=False, who="demo")
-        ... # doctest: +SKIP
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.PReLU())
+        >>> table = register_layers(net, dict(net.named_parameters()), strict=True,
+        ...                         who="demo", unitwise=True)  # doctest: +SKIP
         >>> register_layers(net, dict(net.named_parameters()), strict=True, who="demo")
         Traceback (most recent call last):
         ...
-        ValueError: demo: K-FAC does not support these modules/parameters: 2 (Embedding: no Kronecker-factored rule for this module type): 2.weight; exclude them with params= or pass strict=False
+        ValueError: demo: K-FAC does not support these modules/parameters: 2 (PReLU: no Kronecker-factored rule for this module type): 2.weight; exclude them with params= or pass strict=False
     """  # noqa: E501
     names = list(selected)
     with warnings.catch_warnings():
@@ -171,6 +173,8 @@ class KroneckerEngine:
             statistics are computed blockwise. ``None``: no splitting.
         norm_layers: Normalization layers with unit-wise blocks (default: ``layers.norm`` of
             a :class:`~curvlab.kfac.layers.LayerTable`, else none).
+        kfac_approx: ``'expand'`` or ``'reduce'`` for layers applied at several shared
+            positions (sequences, patches; :func:`curvlab.kfac.factors.reduce_shared`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -202,6 +206,7 @@ class KroneckerEngine:
         refresh: RefreshPolicy | None = None,
         split_dim: int | None = None,
         norm_layers: Sequence[NormLayer] | None = None,
+        kfac_approx: str = "expand",
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -212,6 +217,9 @@ class KroneckerEngine:
             raise ValueError(f"structure must be 'block-diagonal' or 'block-tridiagonal', got "
                              f"{structure!r}")
         check_inverse(inverse, ekfac)
+        if kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
+        self.kfac_approx = kfac_approx
         self.layers: list[KFACLayer] = list(layers.layers if isinstance(layers, LayerTable)
                                             else layers)
         if norm_layers is None:
@@ -231,7 +239,8 @@ class KroneckerEngine:
         self.inverse, self.ekfac, self.structure = inverse, bool(ekfac), structure
         self.ema_decay = float(ema_decay)
         self.blocks: dict[str, KroneckerBlock] = {
-            la.name: KroneckerBlock(la, inverse=inverse, ekfac=ekfac, ema_decay=ema_decay, pi=pi,
+            la.name: KroneckerBlock(la, inverse=inverse, ema_decay=ema_decay, pi=pi,
+                                    ekfac=ekfac and la.kind != "embedding",  # A is diagonal
                                     split_dim=split_dim)
             for la in self.layers}
         self.split_dim = split_dim
@@ -285,13 +294,15 @@ class KroneckerEngine:
             if not gs and need_g:
                 continue
             dtype = _factor_dtype(layer)
-            x = capture.layer_inputs(name)
+            x, gs = reduce_shared(layer, capture.layer_inputs(name), gs, self.kfac_approx)
             block = self.blocks[name]
             with torch.autocast(device_type=x.device.type, enabled=False):
-                xs, gs = x.to(dtype), [g.to(dtype) for g in gs]
+                xs = x if layer.kind == "embedding" else x.to(dtype)  # token indices stay
+                gs = [g.to(dtype) for g in gs]
                 if need_a:
                     stats.A[name] = self._split_input_factor(block, xs) \
-                        if block.splits(layer.in_dim) else input_factor(layer, [xs])
+                        if block.splits(layer.in_dim) and layer.kind != "embedding" \
+                        else input_factor(layer, [xs])
                 if need_g:
                     stats.G[name] = self._split_output_factor(block, gs, num_examples) \
                         if block.splits(layer.out_dim) else output_factor(
@@ -441,7 +452,7 @@ class KroneckerEngine:
         out = {}
         for name, (x, gs) in stats.used.items():
             block = self.blocks[name]
-            if block.eig is None:
+            if block.eig is None or not block.ekfac:
                 continue
             with torch.autocast(device_type=x.device.type, enabled=False):
                 out[name] = ekfac_scalings(

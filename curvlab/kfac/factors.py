@@ -43,6 +43,7 @@ from curvlab.func.losses import LossFn, LossRule, loss_rule
 from curvlab.func.params import batch_size_of, cloned_buffers
 from curvlab.kfac.capture import FactorCapture
 from curvlab.kfac.layers import KFACLayer, LayerTable
+from curvlab.kfac.split import SplitMatrix
 
 __all__ = [
     "FisherType",
@@ -55,6 +56,7 @@ __all__ = [
     "input_factor",
     "kfac_factors",
     "output_factor",
+    "reduce_shared",
 ]
 
 FisherType = Literal["type2", "mc", "empirical"]
@@ -88,7 +90,8 @@ class KroneckerFactors:
             tensor([[1., 0.],
                     [0., 1.]])
         """
-        return torch.kron(self.G, self.A)
+        a = self.A.dense() if isinstance(self.A, SplitMatrix) else self.A
+        return torch.kron(self.G, a)
 
 
 def fisher_scale(fisher: str, num_examples: int, reduction: str, mc_samples: int = 1) -> float:
@@ -148,6 +151,8 @@ def input_factor(layer: KFACLayer, inputs: Tensor | Sequence[Tensor]) -> Tensor:
                 [2.0000, 1.0000, 1.0000]])
     """
     xs = _as_list(inputs, f"layer {layer.name!r} inputs")
+    if layer.kind == "embedding":
+        return embedding_input_factor(layer, xs)
     total = None
     n = 0
     for x in xs:
@@ -156,6 +161,26 @@ def input_factor(layer: KFACLayer, inputs: Tensor | Sequence[Tensor]) -> Tensor:
         total = a if total is None else total + a
         n += x.shape[0]
     return total / n
+
+
+def embedding_input_factor(layer: KFACLayer, inputs: Sequence[Tensor]) -> SplitMatrix:
+    r"""Diagonal ``A`` of an embedding: ``A_vv = (1/N) · #{(n, t): token v}`` (a one-hot input's
+    second moment), as a :class:`~curvlab.kfac.split.SplitMatrix` of ``1 × 1`` blocks.
+
+    Example:
+        >>> from curvlab.kfac.layers import find_layers
+        >>> layer = find_layers(nn.Sequential(nn.Embedding(3, 2))).layers[0]
+        >>> embedding_input_factor(layer, [torch.tensor([[0, 2], [2, 2]])]).dense().diagonal()
+        tensor([0.5000, 0.0000, 1.5000])
+    """
+    v = layer.in_dim
+    dtype = torch.float64 if layer.weight_param.dtype == torch.float64 else torch.float32
+    counts, n = None, 0
+    for x in inputs:
+        c = torch.bincount(x.reshape(-1), minlength=v).to(dtype)
+        counts = c if counts is None else counts + c
+        n += x.shape[0]
+    return SplitMatrix((counts / n).reshape(v, 1, 1), None)
 
 
 def output_factor(
@@ -333,8 +358,13 @@ def kfac_factors(
     fisher: FisherType = "type2",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    kfac_approx: str = "expand",
 ) -> dict[str, KroneckerFactors]:
     """Kronecker factors of every layer on one batch (see the module docstring for the scale).
+
+    ``kfac_approx`` for layers applied at ``T > 1`` shared positions (:func:`reduce_shared`):
+    ``'expand'`` (every position like an example) or ``'reduce'`` (positions aggregated per
+    example first).
 
     Args:
         model: The network (not modified; buffers are cloned, ``.grad`` untouched).
@@ -364,13 +394,44 @@ def kfac_factors(
                                       mc_samples=mc_samples, generator=generator)
     out = {}
     for layer in _layer_list(layers):
+        x, gs = reduce_shared(layer, cap.layer_inputs(layer.name),
+                              cap.layer_output_grads(layer.name), kfac_approx)
         out[layer.name] = KroneckerFactors(
-            input_factor(layer, cap.layer_inputs(layer.name)),
-            output_factor(layer, cap.layer_output_grads(layer.name), n, fisher=fisher,
-                          reduction=rule.reduction, mc_samples=mc_samples),
+            input_factor(layer, x),
+            output_factor(layer, gs, n, fisher=fisher, reduction=rule.reduction,
+                          mc_samples=mc_samples),
             n,
         )
     return out
+
+
+KFAC_APPROX = ("expand", "reduce")
+
+
+def reduce_shared(layer: KFACLayer, x: Tensor, grads: Sequence[Tensor], kfac_approx: str
+                  ) -> tuple[Tensor, list[Tensor]]:
+    r"""Expanded inputs and output gradients for K-FAC-expand or K-FAC-reduce.
+
+    Eschenhagen et al. (NeurIPS 2023): for a layer applied at ``T`` shared positions per example,
+    ``'expand'`` keeps every position (the default; exact for per-position losses on deep linear
+    networks); ``'reduce'`` first aggregates per example, ``â_n = (1/T) Σ_t a_{n,t}`` (ones
+    column included, so it stays 1) and ``ĝ_n = Σ_t g_{n,t}`` (exact when the shared dimension is
+    reduced before the loss, e.g. mean pooling), then forms ``A`` and ``G`` from ``N`` vectors.
+    Embeddings always expand (their one-hot inputs keep ``A`` diagonal).
+
+    Example:
+        >>> from curvlab.kfac.layers import find_layers
+        >>> layer = find_layers(nn.Sequential(nn.Linear(1, 1, bias=False))).layers[0]
+        >>> x, g = reduce_shared(layer, torch.tensor([[[1.0], [3.0]]]),
+        ...                      [torch.tensor([[[1.0], [1.0]]])], "reduce")
+        >>> x.tolist(), g[0].tolist()
+        ([[[2.0]]], [[[2.0]]])
+    """
+    if kfac_approx not in KFAC_APPROX:
+        raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
+    if kfac_approx == "expand" or layer.kind == "embedding" or x.shape[1] == 1:
+        return x, list(grads)
+    return x.mean(1, keepdim=True), [g.sum(1, keepdim=True) for g in grads]
 
 
 def accumulate_factors(

@@ -38,7 +38,9 @@ from curvlab.func.params import ParamsArg, select_params
 
 __all__ = ["KFACLayer", "LayerTable", "find_layers"]
 
-LayerKind = Literal["linear", "conv2d"]
+LayerKind = Literal["linear", "conv2d", "embedding", "attention-in"]
+_KIND_TYPES = {"linear": nn.Linear, "conv2d": nn.Conv2d, "embedding": nn.Embedding,
+               "attention-in": nn.MultiheadAttention}
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,17 @@ class KFACLayer:
 
     Attributes:
         name: Qualified module name (as in ``model.named_modules()``).
-        module: The ``nn.Linear`` or ``nn.Conv2d`` module.
+        module: The ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or (for its input
+            projections) ``nn.MultiheadAttention`` module.
         weight: Qualified name of its weight parameter (e.g. ``"0.weight"``).
         bias: Qualified name of its bias parameter, or ``None`` if the layer has no bias or the
             bias is not among the selected parameters.
-        kind: ``"linear"`` or ``"conv2d"``.
+        kind: ``"linear"``, ``"conv2d"``, ``"embedding"`` (a linear map of one-hot inputs:
+            ``V = Wᵀ`` of shape ``(embedding_dim, num_embeddings)``, ``A`` diagonal) or
+            ``"attention-in"`` (rows ``j·E … (j+1)·E − 1`` of ``in_proj_weight``: the query,
+            key or value projection, ``group = 0, 1, 2``).
         group: For a grouped convolution, the group index ``j`` (the layer is that group's
-            rows); ``None`` otherwise.
+            rows); for ``"attention-in"`` the projection; ``None`` otherwise.
 
     Properties ``in_dim`` (rows/columns of ``A``, including the homogeneous ones column when
     ``bias`` is set) and ``out_dim`` (rows/columns of ``G``; ``out/g`` for a group).
@@ -72,18 +78,20 @@ class KFACLayer:
     group: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "conv2d"):
-            raise ValueError(f"KFACLayer {self.name!r}: kind must be 'linear' or 'conv2d', "
-                             f"got {self.kind!r}")
-        expected = nn.Linear if self.kind == "linear" else nn.Conv2d
+        if self.kind not in _KIND_TYPES:
+            raise ValueError(f"KFACLayer {self.name!r}: kind must be one of "
+                             f"{sorted(_KIND_TYPES)}, got {self.kind!r}")
+        expected = _KIND_TYPES[self.kind]
         if not isinstance(self.module, expected):
             raise TypeError(f"KFACLayer {self.name!r}: kind {self.kind!r} needs an "
                             f"{expected.__name__}, got {type(self.module).__name__}")
-        groups = getattr(self.module, "groups", 1)
+        groups = self.groups
         if self.kind == "conv2d":
             reason = _conv_unsupported_reason(self.module)
             if reason:
                 raise NotImplementedError(f"KFACLayer {self.name!r}: {reason}")
+        if self.kind == "embedding" and self.bias is not None:
+            raise ValueError(f"KFACLayer {self.name!r}: an embedding has no bias")
         if groups > 1 and self.group is None:
             raise NotImplementedError(
                 f"KFACLayer {self.name!r}: grouped convolution (groups={groups}) needs one "
@@ -94,25 +102,40 @@ class KFACLayer:
                              f"groups={groups}")
 
     @property
+    def groups(self) -> int:
+        """Row groups of the weight: conv groups, 3 for attention (q, k, v), else 1."""
+        if self.kind == "attention-in":
+            return 3
+        return int(getattr(self.module, "groups", 1))
+
+    @property
     def weight_param(self) -> Tensor:
         """The weight tensor."""
+        if self.kind == "attention-in":
+            return self.module.in_proj_weight
         return self.module.weight
 
     @property
     def bias_param(self) -> Tensor | None:
         """The bias tensor if registered (``bias`` is not ``None``), else ``None``."""
-        return self.module.bias if self.bias is not None else None
+        if self.bias is None:
+            return None
+        return self.module.in_proj_bias if self.kind == "attention-in" else self.module.bias
 
     @property
     def in_dim(self) -> int:
         """Dimension of the input factor ``A``: fan-in (+1 for the bias column)."""
-        w = self.module.weight
+        if self.kind == "embedding":
+            return int(self.module.num_embeddings)
+        w = self.weight_param
         return int(w[0].numel()) + (1 if self.bias is not None else 0)
 
     @property
     def out_dim(self) -> int:
         """Dimension of the output factor ``G``: output units / channels (of the group)."""
-        return int(self.module.weight.shape[0]) // int(getattr(self.module, "groups", 1))
+        if self.kind == "embedding":
+            return int(self.module.embedding_dim)
+        return int(self.weight_param.shape[0]) // self.groups
 
     @property
     def out_slice(self) -> slice:
@@ -126,7 +149,7 @@ class KFACLayer:
         """Input channels this layer sees (all unless grouped)."""
         if self.group is None:
             return slice(None)
-        c = int(self.module.weight.shape[1])
+        c = int(self.weight_param.shape[1])
         return slice(self.group * c, (self.group + 1) * c)
 
     @property
@@ -146,11 +169,15 @@ class KFACLayer:
             >>> layer.to_matrix(torch.ones(1, 2), torch.zeros(1))
             tensor([[1., 1., 0.]])
         """
-        wshape = self.module.weight.shape
+        wshape = self.weight_param.shape
         nb = weight.dim() - len(wshape)
         if nb < 0 or tuple(weight.shape[nb:]) != tuple(wshape):
             raise ValueError(f"layer {self.name!r}: weight must have shape (*batch, "
                              f"{tuple(wshape)}), got {tuple(weight.shape)}")
+        if self.kind == "embedding":
+            if bias is not None:
+                raise ValueError(f"layer {self.name!r} has no registered bias, got one")
+            return weight.mT
         m = weight.reshape(*weight.shape[:nb], wshape[0], -1)[..., self.out_slice, :]
         if self.bias is None:
             if bias is not None:
@@ -171,14 +198,54 @@ class KFACLayer:
             >>> [t.shape for t in layer.from_matrix(torch.zeros(1, 3))]
             [torch.Size([1, 2]), torch.Size([1])]
         """
-        wshape = (self.out_dim, *self.module.weight.shape[1:])
+        wshape = (self.out_dim, *self.weight_param.shape[1:])
         if tuple(m.shape[-2:]) != (self.out_dim, self.in_dim):
             raise ValueError(f"layer {self.name!r}: matrix must end in shape "
                              f"{(self.out_dim, self.in_dim)}, got {tuple(m.shape)}")
         batch = m.shape[:-2]
+        if self.kind == "embedding":
+            return m.mT, None
         if self.bias is None:
             return m.reshape(*batch, *wshape), None
         return m[..., :-1].reshape(*batch, *wshape), m[..., -1]
+
+
+def _unsupported_reason(mod: nn.Module, names: dict[str, str], grouped_conv: bool) -> str:
+    """Why ``mod`` (owning the selected parameters ``names``) gets no block, or ``""``."""
+    kind = type(mod).__name__
+    if isinstance(mod, nn.Linear | nn.Conv2d | nn.Embedding):
+        reason = ""
+        if isinstance(mod, nn.Conv2d):
+            reason = _conv_unsupported_reason(mod)
+            if not reason and mod.groups > 1 and not grouped_conv:
+                reason = (f"grouped convolution (groups={mod.groups}) registered only with "
+                          "find_layers(..., grouped_conv=True) (one block per group)")
+        if isinstance(mod, nn.Embedding) and mod.max_norm is not None:
+            reason = "max_norm renormalizes the weight inside the forward"
+        if not reason and "weight" not in names:
+            reason = "bias selected without its weight"
+        return f"{kind}: {reason}" if reason else ""
+    if isinstance(mod, nn.MultiheadAttention):
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            return (f"{kind}: only the packed in_proj_weight without bias_k/bias_v or "
+                    "add_zero_attn is supported")
+        if "in_proj_weight" not in names:
+            return f"{kind}: in_proj_bias selected without in_proj_weight"
+        return ""
+    return f"{kind}: no Kronecker-factored rule for this module type"
+
+
+def _layers_of(mod_name: str, mod: nn.Module, names: dict[str, str]) -> list[KFACLayer]:
+    if isinstance(mod, nn.MultiheadAttention):
+        return [KFACLayer(f"{mod_name}[{'qkv'[j]}]", mod, names["in_proj_weight"],
+                          names.get("in_proj_bias"), "attention-in", j) for j in range(3)]
+    if isinstance(mod, nn.Embedding):
+        return [KFACLayer(mod_name, mod, names["weight"], None, "embedding")]
+    kind: LayerKind = "linear" if isinstance(mod, nn.Linear) else "conv2d"
+    groups = int(getattr(mod, "groups", 1))
+    return [KFACLayer(mod_name if j is None else f"{mod_name}[{j}]", mod, names["weight"],
+                      names.get("bias"), kind, j)
+            for j in (range(groups) if groups > 1 else [None])]
 
 
 def _conv_unsupported_reason(mod: nn.Conv2d) -> str:
@@ -261,8 +328,13 @@ def find_layers(
 ) -> LayerTable:
     """Register the K-FAC layers of ``model`` among the selected parameters.
 
-    A ``nn.Linear`` or ``nn.Conv2d`` (zero padding; a grouped conv as one layer per group) is
-    registered when its weight is selected; its bias is registered when selected too. A
+    A ``nn.Linear`` or ``nn.Conv2d`` (zero padding; a grouped conv as one layer per group), an
+    ``nn.Embedding`` (diagonal input factor: token frequencies) and the input projections of an
+    ``nn.MultiheadAttention`` (one layer each for the query, key and value rows of
+    ``in_proj_weight``; its ``out_proj`` is a Linear layer) are registered when the weight is
+    selected; the bias is registered when selected too. A tensor used by two different modules
+    (tied weights) makes both unsupported; one module called several times is fine
+    (K-FAC-expand, :mod:`curvlab.kfac.capture`). A
     selected bias whose weight is not selected, and every selected parameter owned by any other
     module, is *unsupported*.
 
@@ -294,33 +366,30 @@ def find_layers(
     unsupported: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
     claimed: set[str] = set()
+    owners: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules():
+        for _, p in mod.named_parameters(recurse=False):
+            if id(p) in by_id:
+                owners.setdefault(id(p), []).append(mod_name)
     for mod_name, mod in model.named_modules():
         own = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if id(p) in by_id]
         if not own:
             continue
         names = {pn: by_id[id(p)] for pn, p in own}
-        reason = ""
-        if isinstance(mod, nn.Linear | nn.Conv2d):
-            if isinstance(mod, nn.Conv2d):
-                reason = _conv_unsupported_reason(mod)
-                if not reason and mod.groups > 1 and not grouped_conv:
-                    reason = (f"grouped convolution (groups={mod.groups}) registered only with "
-                              "find_layers(..., grouped_conv=True) (one block per group)")
-            if not reason and "weight" in names:
-                kind: LayerKind = "linear" if isinstance(mod, nn.Linear) else "conv2d"
-                groups = int(getattr(mod, "groups", 1))
-                for j in range(groups) if groups > 1 else [None]:
-                    layer = KFACLayer(mod_name if j is None else f"{mod_name}[{j}]", mod,
-                                      names["weight"], names.get("bias"), kind, j)
-                    layers.append(layer)
-                    claimed.update(layer.param_names)
-                continue
-            if not reason:
-                reason = f"{type(mod).__name__}: bias selected without its weight"
-            else:
-                reason = f"{type(mod).__name__}: {reason}"
-        else:
-            reason = f"{type(mod).__name__}: no Kronecker-factored rule for this module type"
+        tied = {pn: [m for m in owners[id(p)] if m != mod_name] for pn, p in own
+                if len(owners[id(p)]) > 1}
+        reason = _unsupported_reason(mod, names, grouped_conv)
+        if tied and not reason:
+            reason = (f"{type(mod).__name__}: parameters tied with other modules ("
+                      + "; ".join(f"{names[pn]} also in {', '.join(ms)}"
+                                  for pn, ms in tied.items())
+                      + "); K-FAC-expand covers one module called several times, not one "
+                      "tensor used by different modules")
+        if not reason:
+            for layer in _layers_of(mod_name, mod, names):
+                layers.append(layer)
+                claimed.update(layer.param_names)
+            continue
         unsupported[mod_name] = [names[pn] for pn, _ in own]
         reasons[mod_name] = reason
     # parameters registered on no module (should not happen) are reported as well

@@ -122,6 +122,11 @@ class SplitMatrix:
     def __add__(self, other: SplitMatrix) -> SplitMatrix:
         return self._zip(other, torch.add)
 
+    def __radd__(self, other):
+        if isinstance(other, int | float) and other == 0:  # sum() starts from 0
+            return self
+        return NotImplemented
+
     def __sub__(self, other: SplitMatrix) -> SplitMatrix:
         return self._zip(other, torch.sub)
 

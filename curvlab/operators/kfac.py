@@ -141,6 +141,8 @@ class KFAC(LinearOperator):
             ``to_dense()`` are ``blockdiag(G) ⊗ blockdiag(A)`` per layer.
         unitwise: Unit-wise blocks for BatchNorm/LayerNorm/GroupNorm affine parameters
             (default); ``False`` treats them as unsupported.
+        kfac_approx: ``'expand'`` (default) or ``'reduce'`` (Eschenhagen et al. 2023) for
+            layers applied at several positions (:func:`curvlab.kfac.factors.reduce_shared`).
 
     Attributes:
         layers: The :class:`~curvlab.kfac.layers.LayerTable`.
@@ -178,6 +180,7 @@ class KFAC(LinearOperator):
         strict: bool = False,
         split_dim: int | None = None,
         unitwise: bool = True,
+        kfac_approx: str = "expand",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -212,9 +215,11 @@ class KFAC(LinearOperator):
         #: preconditioner: the same blocks, inverses and options).
         self.engine = KroneckerEngine(self.layers, fisher=fisher, reduction=self.rule.reduction,
                                       mc_samples=self.mc_samples, ekfac=ekfac,
-                                      structure=structure, split_dim=split_dim)
+                                      structure=structure, split_dim=split_dim,
+                                      kfac_approx=kfac_approx)
         gen = _make_generator(generator, first.device)
         kw = {"fisher": fisher, "mc_samples": self.mc_samples, "generator": gen}
+        self.kfac_approx = kfac_approx
         batches = []
         for i, batch in enumerate(as_batches(data)):
             if not isinstance(batch, tuple | list) or len(batch) != 2:
@@ -233,7 +238,8 @@ class KFAC(LinearOperator):
                 layer.name: f for layer, f in zip(self.layers, self.tridiagonal.diag, strict=True)}
         else:
             self.factors = accumulate_factors(
-                [kfac_factors(model, loss_fn, x, y, self.layers, **kw) for x, y in batches], red)
+                [kfac_factors(model, loss_fn, x, y, self.layers, kfac_approx=kfac_approx, **kw)
+                 for x, y in batches], red)
         self.engine.set_factors(self.factors, self.tridiagonal)
         #: ``{norm layer name: (U, d, d)}`` unit-wise Fisher blocks.
         self.unit_factors: dict[str, Tensor] = {}
@@ -244,7 +250,7 @@ class KFAC(LinearOperator):
             self.engine.refresh()
             bases = {la.name: (self.engine.blocks[la.name].eig.eigenvectors_A,
                                self.engine.blocks[la.name].eig.eigenvectors_G)
-                     for la in self.layers}
+                     for la in self.layers if la.kind != "embedding"}
             per = [ekfac_factors(model, loss_fn, x, y, self.layers, bases=bases, **kw)
                    for x, y in batches]
             total = sum(p[next(iter(p))].num_examples for p in per)

@@ -139,6 +139,8 @@ class KFACOptimizer(CurvatureOptimizer):
         unitwise: SP-NGD's unit-wise natural gradient for BatchNorm/LayerNorm/GroupNorm
             affine parameters (default, :mod:`curvlab.kfac.unitwise`); ``False``: they get
             the plain gradient.
+        kfac_approx: ``'expand'`` (default) or ``'reduce'`` (Eschenhagen et al. 2023) for
+            layers applied at several positions (:func:`curvlab.kfac.factors.reduce_shared`).
         distributed, distributed_mode, grad_worker_fraction, process_group,
             distributed_options: Distributed K-FAC (:mod:`curvlab.kfac.distributed`;
             construct after ``init_process_group``). ``distributed=None`` runs distributed
@@ -195,6 +197,7 @@ class KFACOptimizer(CurvatureOptimizer):
         refresh: RefreshPolicy | None = None,
         split_dim: int | None = None,
         unitwise: bool = True,
+        kfac_approx: str = "expand",
         distributed: bool | None = None,
         distributed_mode: str | None = None,
         grad_worker_fraction: float | None = None,
@@ -233,7 +236,7 @@ class KFACOptimizer(CurvatureOptimizer):
         self.engine = KroneckerEngine(
             table, fisher=fisher, reduction=reduction, mc_samples=self.mc_samples,
             inverse=inverse, ekfac=ekfac, ema_decay=self.ema_decay, structure=structure,
-            split_dim=split_dim,
+            split_dim=split_dim, kfac_approx=kfac_approx,
             refresh=refresh if refresh is not None else FixedRefresh(
                 cov_interval, inv_interval, self.num_forced_inverses))
         self.refresh_policy = self.engine.policy

@@ -52,7 +52,7 @@ def _per_example_path(model: nn.Module, selected: dict[str, Tensor]):
             table = find_layers(model, selected)
         except ValueError:
             return None
-    if table.unsupported:
+    if table.unsupported or any(la.kind not in ("linear", "conv2d") for la in table.layers):
         return None
     return list(table.layers)
 
