@@ -25,6 +25,13 @@ from curvlab.data.paths import DATA_ENV_VAR, find_file, resolve_data_root
 from curvlab.data.registry import DATASETS, DatasetSpec, get_dataset, list_datasets
 from curvlab.data.split import split_indices, subsample, train_test_split
 from curvlab.data.synthetic import make_synthetic_images
+from curvlab.data.text import (
+    decode_tokens,
+    encode_text,
+    load_pydoc_topics,
+    pydoc_topics,
+    text_vocabulary,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -35,6 +42,8 @@ __all__ = [
     "DatasetSpec",
     "MiniBatchLoader",
     "as_dataset",
+    "decode_tokens",
+    "encode_text",
     "find_file",
     "get_dataset",
     "iterate_minibatches",
@@ -42,16 +51,19 @@ __all__ = [
     "load_cifar10",
     "load_digits",
     "load_mnist",
+    "load_pydoc_topics",
     "make_curves",
     "make_mnist1d",
     "make_synthetic_images",
     "mnist1d_templates",
+    "pydoc_topics",
     "read_cifar_batch",
     "read_idx",
     "render_bezier_curves",
     "resolve_data_root",
     "split_indices",
     "subsample",
+    "text_vocabulary",
     "train_test_split",
     "write_cifar_batch",
     "write_idx",

@@ -83,6 +83,7 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
     "cnn_classification",
     "large_batch",
     "stale_statistics",
+    "transformer_lm",
 )
 
 

@@ -55,6 +55,15 @@ from curvlab.problems.rosenbrock import (
     rosenbrock_gradient,
     rosenbrock_residuals,
 )
+from curvlab.problems.transformer import (
+    BLOCK_NAMES,
+    CausalSelfAttention,
+    CausalTransformer,
+    TransformerBlock,
+    block_of,
+    causal_transformer,
+    parameter_blocks,
+)
 from curvlab.problems.two_d import (
     TWO_D_FUNCTIONS,
     NoisyTwoDModel,
@@ -67,12 +76,15 @@ from curvlab.problems.two_d import (
 )
 
 __all__ = [
+    "BLOCK_NAMES",
     "QUADRATIC_DEEP_DIM",
     "RAHIMI_RECHT_TOLERANCE",
     "ROSENBROCK_MINIMUM",
     "ROSENBROCK_START",
     "ROSENBROCK_TOLERANCE",
     "TWO_D_FUNCTIONS",
+    "CausalSelfAttention",
+    "CausalTransformer",
     "NoisyTwoDModel",
     "NoisyTwoDProblem",
     "QuadraticDeepModel",
@@ -81,13 +93,16 @@ __all__ = [
     "RahimiRechtProblem",
     "RosenbrockResidualModel",
     "StochasticRosenbrock",
+    "TransformerBlock",
     "TwoDFunction",
     "autoencoder",
     "basic_cifar_net",
     "beale",
     "benchmark_mlp",
     "bernoulli_nll_loss",
+    "block_of",
     "branin",
+    "causal_transformer",
     "cnn_3c3d",
     "deterministic_rosenbrock",
     "haar_orthogonal",
@@ -95,6 +110,7 @@ __all__ = [
     "make_quadratic_deep",
     "make_rahimi_recht",
     "mean_output_loss",
+    "parameter_blocks",
     "quadratic_deep_eigenvalues",
     "reconstruction_sq_error",
     "reset_parameters_",
