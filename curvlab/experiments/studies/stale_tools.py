@@ -186,7 +186,9 @@ def interval_grid(log: pd.DataFrame, steps: int, what: str = "inverse") -> pd.Da
             for s in range(a, min(b, steps)):
                 row[s] = float(b - a)
         rows[str(layer)] = row
-    return pd.DataFrame.from_dict(rows, orient="index", columns=range(steps))
+    order = sorted(rows, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    return pd.DataFrame.from_dict({n: rows[n] for n in order}, orient="index",
+                                  columns=range(steps))
 
 
 def _sync(device: torch.device) -> None:
