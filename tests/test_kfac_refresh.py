@@ -128,3 +128,15 @@ def test_policy_state_round_trip_and_layer_check():
     del other
     with pytest.raises(ValueError, match="TraceRefresh"):
         TraceRefresh().load_state_dict(state["curvlab"]["engine"]["policy"])
+
+
+def test_adaptive_refresh_with_unitwise_batchnorm():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    opt = KFACOptimizer(net, nn.CrossEntropyLoss(), lr=0.1, damping=0.1,
+                        refresh=AdaptiveRefresh(alpha=1.0))
+    for _ in range(6):
+        opt.step(x, y)
+    assert opt.refresh_policy.counts["1"]["F"] >= 1
+    assert "F" in opt.refresh_policy.similarity["1"]

@@ -130,6 +130,7 @@ class FactorCapture:
         self.grad_calls: dict[str, list[int]] = {layer.name: [] for layer in self.layers}
         self._handles: list = []
         self._patched: list[nn.Module] = []
+        self._outputs: list[tuple[Tensor, int]] = []
 
     # ------------------------------------------------------------------ hooks
     def _record(self, layer: KFACLayer, x: Tensor, output: Tensor) -> None:
@@ -138,6 +139,7 @@ class FactorCapture:
             self.inputs[layer.name].append(self._expand_input(layer, x.detach()))
         if self.record_output_grads and isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(self._tensor_hook(layer, call))
+            self._outputs.append((output, output._version))
 
     def _forward_hook(self, layer: KFACLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -218,6 +220,15 @@ class FactorCapture:
         for d in (self.inputs, self.output_grads, self.grad_calls):
             for v in d.values():
                 v.clear()
+        self._outputs.clear()
+
+    def output_tensors(self) -> list[Tensor] | None:
+        """The recorded layer outputs, to back-propagate extra passes *to* (no weight-gradient
+        products); ``None`` if one was modified in place since (e.g. ``ReLU(inplace=True)``):
+        then back-propagate to the weights instead, whose tensor hooks still fire."""
+        if any(t._version != v for t, v in self._outputs):
+            return None
+        return [t for t, _ in self._outputs]
 
     def drop_output_grads(self, start: int = 0) -> None:
         """Forget the output gradients recorded from entry ``start`` on (all layers)."""

@@ -38,7 +38,7 @@ __all__ = ["AdaptiveRefresh", "FixedRefresh", "FrequencyRefresh", "RefreshPolicy
 
 def _fro(X) -> float:
     """Frobenius norm of a tensor or a split factor."""
-    return float(X.norm()) if hasattr(X, "parts") else float(torch.linalg.matrix_norm(X))
+    return float(X.norm()) if hasattr(X, "parts") else float(torch.linalg.vector_norm(X))
 
 
 def _trace(X) -> float:

@@ -355,8 +355,11 @@ class KFACOptimizer(CurvatureOptimizer):
                                                   target=targets)
             else:
                 vectors = self.rule.sqrt_hessian(out.detach(), targets)
-            weights = list({id(la.weight_param): la.weight_param
-                            for la in [*self.layers, *self.norm_layers]}.values())
+            # extra passes stop at the layer outputs (no weight-gradient products), unless an
+            # output was modified in place
+            weights = self.capture.output_tensors() or list(
+                {id(la.weight_param): la.weight_param
+                 for la in [*self.layers, *self.norm_layers]}.values())
             for j, vec in enumerate(vectors):
                 torch.autograd.grad(out, weights, vec.to(out.dtype),
                                     retain_graph=j < len(vectors) - 1, allow_unused=True)
