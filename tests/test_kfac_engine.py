@@ -64,7 +64,8 @@ def _grad(net, loss_fn, x, y):
 CASES = [
     (kind, inverse, ekfac)
     for kind in MODELS
-    for inverse, ekfac in (("eigen", False), ("factored", False), ("eigen", True))
+    for inverse, ekfac in (("eigen", False), ("factored", False), ("cholesky", False),
+                           ("eigen", True))
 ]
 
 

@@ -22,6 +22,9 @@ b]`` the block is ``G ⊗ A``, i.e. ``(G ⊗ A) vec(V) = vec(G V A)``. Inverses:
 * ``inverse='eigen'``: exact Tikhonov damping of the product,
   ``(G ⊗ A + λ I)⁻¹ V = U_G [(U_Gᵀ V U_A) ⊘ (d_G d_Aᵀ + λ)] U_Aᵀ`` (EKFAC: the scalings replace
   ``d_G d_Aᵀ``);
+* ``inverse='cholesky'``: the same π-adjusted factored inverse computed without any
+  eigendecomposition — a refresh snapshots the factors, and the explicit damped inverses come
+  from Cholesky factorizations (about a fifth of an ``eigh``'s work); no eigen-based products.
 * ``inverse='factored'``: Martens & Grosse's π-adjusted factored Tikhonov
   ``(G + √λ/π I)⁻¹ V (A + π√λ I)⁻¹`` with ``π = sqrt((tr A/dim A)/(tr G/dim G))`` (1 when a
   trace is 0), the explicit damped inverses built from the cached eigenbases and kept per
@@ -47,8 +50,26 @@ from curvlab.kfac.split import SplitMatrix, split_eigh
 
 __all__ = ["Eigendecomposition", "InverseKind", "KroneckerBlock"]
 
-InverseKind = Literal["eigen", "factored"]
-INVERSES = ("eigen", "factored")
+InverseKind = Literal["eigen", "factored", "cholesky"]
+INVERSES = ("eigen", "factored", "cholesky")
+
+
+class FactorSnapshot(NamedTuple):
+    """The factors at the last refresh (``inverse='cholesky'``: no eigendecomposition)."""
+
+    A: Tensor
+    G: Tensor
+
+
+def _cholesky_inverse(X, shift: float, what: str):
+    """``(X + shift I)⁻¹`` by Cholesky (batched over split blocks)."""
+    if isinstance(X, SplitMatrix):
+        return X._map(lambda t: _cholesky_inverse(t, shift, what))
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    L, info = torch.linalg.cholesky_ex(X + shift * eye)
+    if bool((info != 0).any()):
+        raise ValueError(f"{what} + {shift:g} I is not positive definite; use damping > 0")
+    return torch.cholesky_inverse(L)
 
 
 class Eigendecomposition(NamedTuple):
@@ -69,7 +90,7 @@ class Eigendecomposition(NamedTuple):
 def check_inverse(inverse: str, ekfac: bool) -> None:
     """Validate an ``inverse=`` / ``ekfac=`` pair (one message for every entry point)."""
     if inverse not in INVERSES:
-        raise ValueError(f"inverse must be 'eigen' or 'factored', got {inverse!r}")
+        raise ValueError(f"inverse must be 'eigen', 'factored' or 'cholesky', got {inverse!r}")
     if ekfac and inverse != "eigen":
         raise ValueError("ekfac=True needs inverse='eigen' (the scalings live in the eigenbasis)")
 
@@ -207,6 +228,17 @@ class KroneckerBlock:
         """
         if self.A is None:
             return False
+        if self.inverse == "cholesky":  # no eigendecomposition: factors kept for the inverses
+            if not all(p.isfinite() if isinstance(p, SplitMatrix) else bool(
+                    torch.isfinite(p).all()) for p in (self.A, self.G)):
+                warnings.warn(f"K-FAC: factors of {self.name!r} are not finite; keeping the "
+                              "previous inverse", RuntimeWarning, stacklevel=3)
+                return False
+            self.eig = FactorSnapshot(self.A, self.G)
+            self._explicit.clear()
+            self.stale = False
+            return True
+
         def eigh(X, what):
             name = f"{what} of {self.name!r}"
             return split_eigh(X, name=name) if isinstance(X, SplitMatrix) else \
@@ -232,6 +264,11 @@ class KroneckerBlock:
         if self.pi != "tracenorm":
             return float(self.pi)
         e = self._require_eig()
+        if isinstance(e, FactorSnapshot):
+            def tr(X):
+                return float(X.trace() if isinstance(X, SplitMatrix) else torch.trace(X))
+            ta, tg = tr(e.A) / e.A.shape[0], tr(e.G) / e.G.shape[0]
+            return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
         ta = float(e.eigenvalues_A.sum()) / e.eigenvalues_A.numel()
         tg = float(e.eigenvalues_G.sum()) / e.eigenvalues_G.numel()
         return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
@@ -261,6 +298,11 @@ class KroneckerBlock:
             root = math.sqrt(damping)
             if len(self._explicit) > 4:
                 self._explicit.clear()
+            if isinstance(e, FactorSnapshot):  # Cholesky of the damped factors
+                self._explicit[damping] = (
+                    _cholesky_inverse(e.G, root / pi, f"G of {self.name!r}"),
+                    _cholesky_inverse(e.A, pi * root, f"A of {self.name!r}"))
+                return self._explicit[damping]
             d_g, d_a = e.eigenvalues_G + root / pi, e.eigenvalues_A + pi * root
             if bool((d_g <= 0).any()) or bool((d_a <= 0).any()):
                 raise ValueError(f"K-FAC block {self.name!r}: damped factors are singular; use "
@@ -314,7 +356,10 @@ class KroneckerBlock:
                 out = out + damping * vf
             return out.to(V.dtype)
         e = self._require_eig()
-        vf = V.to(e.eigenvectors_A.dtype)
+        vf = V.to(e[0].dtype if isinstance(e, FactorSnapshot) else e.eigenvectors_A.dtype)
+        if kind == "eigen" and isinstance(e, FactorSnapshot):
+            raise ValueError(f"K-FAC block {self.name!r} keeps no eigenbasis "
+                             "(inverse='cholesky'); use inverse='factored' or 'cholesky'")
         if kind == "eigen":
             denom = self.eigenvalues() + damping
             if damping <= 0 and bool((denom <= 0).any()):  # d ≥ 0: only λ = 0 can fail
@@ -375,7 +420,11 @@ class KroneckerBlock:
         self.A, self.G = c(state["A"]), c(state["G"])
         self.updates = int(state["updates"])
         eig = state["eig"]
-        self.eig = None if eig is None else Eigendecomposition(*(t.clone() for t in eig))
+        if eig is None:
+            self.eig = None
+        else:
+            cls = FactorSnapshot if len(eig) == 2 else Eigendecomposition
+            self.eig = cls(*(t.clone() for t in eig))
         self.scalings = c(state["scalings"])
         self.scaling_updates = int(state["scaling_updates"])
         self.stale = bool(state["stale"])

@@ -296,7 +296,7 @@ class KFAC(LinearOperator):
         return torch.cat([c.reshape(-1, M.shape[1]) for c in out], 0)
 
     def inverse(
-        self, damping: float, method: Literal["eigen", "factored"] = "eigen", *,
+        self, damping: float, method: Literal["eigen", "factored", "cholesky"] = "eigen", *,
         pi: str | float = "tracenorm",
     ) -> KFACInverse:
         """Damped inverse as an operator (see :class:`KFACInverse` for the damping semantics).
@@ -347,9 +347,9 @@ class KFACInverse(LinearOperator):
                  pi: str | float = "tracenorm") -> None:
         if not isinstance(damping, int | float) or isinstance(damping, bool):
             raise TypeError(f"damping must be a number, got {type(damping).__name__}")
-        if method not in ("eigen", "factored"):
-            raise ValueError(f"method must be 'eigen' or 'factored', got {method!r}")
-        if damping <= 0 and (kfac._layout.free or method == "factored"):
+        if method not in ("eigen", "factored", "cholesky"):
+            raise ValueError(f"method must be 'eigen', 'factored' or 'cholesky', got {method!r}")
+        if damping <= 0 and (kfac._layout.free or method != "eigen"):
             raise ValueError(f"damping must be > 0 (got {damping}): unsupported parameters or "
                              "method='factored' need it")
         if damping < 0:
