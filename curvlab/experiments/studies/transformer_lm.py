@@ -219,6 +219,15 @@ def _claims(table: pd.DataFrame, curv: pd.DataFrame, eos: pd.DataFrame) -> list[
             bool(late.min() > 2 / lr) and bool(grp["loss"].iloc[-1] < grp["loss"].iloc[0]),
             f"min λ_max over the second half {late.min():.1f} vs 2/lr {2 / lr:.0f}; loss "
             f"{grp['loss'].iloc[0]:.3f} → {grp['loss'].iloc[-1]:.3f}"))
+    if eos["lr"].nunique() > 1:
+        scaled = {lr: float(g.sort_values("step")["hessian_top"].iloc[len(g) // 2:].median())
+                  * float(lr) / 2 for lr, g in eos.groupby("lr")}
+        spread = max(scaled.values()) / min(scaled.values())
+        claims.append(Claim(
+            "the learning rate sets the sharpness GD settles at: λ_max · lr / 2 agrees within "
+            "a factor 1.5 across the learning rates", spread <= 1.5,
+            ", ".join(f"lr {lr:g}: {v:.2f}" for lr, v in scaled.items())
+            + f" (spread {spread:.2f}×)"))
     return claims
 
 
