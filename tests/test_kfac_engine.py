@@ -186,3 +186,18 @@ def test_old_optimizer_name_warns():
         assert curvlab.optim.KFACOptimizer is KFACOptimizer
     with pytest.warns(DeprecationWarning, match="KFACOptimizer"):
         assert curvlab.optim.KFAC is KFACOptimizer
+
+
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_stats_fraction_equals_the_factors_of_the_subset(fisher):
+    net, x, y = _setup("mlp")
+    loss_fn = nn.CrossEntropyLoss()
+    K = curvlab.KFAC(net, loss_fn, (x[:3], y[:3]), fisher=fisher)
+    opt = KFACOptimizer(net, loss_fn, lr=0.1, damping=0.1, fisher=fisher, stats_fraction=0.3)
+    opt.step(x, y)  # N = 8: ceil(0.3 * 8) = 3 examples
+    for name, blk in opt.engine.blocks.items():
+        torch.testing.assert_close(blk.A, K.engine.blocks[name].A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(blk.G, K.engine.blocks[name].G, rtol=1e-10, atol=1e-12)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="stats_fraction"):
+            KFACOptimizer(net, loss_fn, damping=0.1, stats_fraction=bad)

@@ -23,6 +23,7 @@ grouped convolutions (one block per group), shared weights (K-FAC-expand over th
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class LayerStatistics:
         cross: ``{i: (A_{i,i+1}, G_{i,i+1})}`` for the block-tridiagonal chain.
         num_examples: ``N`` of the batch.
         F: ``{norm layer name: (U, d, d)}`` unit-wise Fisher blocks.
+        subset, subset_scale: Examples the statistics used (``stats_fraction``) and ``N / m``.
     """
 
     A: dict[str, Tensor] = field(default_factory=dict)
@@ -132,6 +134,8 @@ class LayerStatistics:
     cross: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     num_examples: int = 0
     F: dict[str, Tensor] = field(default_factory=dict)
+    subset: int = 0
+    subset_scale: float = 1.0
 
     def tensors(self) -> list[Tensor]:
         out = []
@@ -175,6 +179,10 @@ class KroneckerEngine:
             a :class:`~curvlab.kfac.layers.LayerTable`, else none).
         kfac_approx: ``'expand'`` or ``'reduce'`` for layers applied at several shared
             positions (sequences, patches; :func:`curvlab.kfac.factors.reduce_shared`).
+        stats_fraction: Estimate the factors from the first ``⌈f·N⌉`` examples of each batch
+            (Martens & Grosse use 1/8): ``A`` is their mean, ``G`` (and EKFAC scalings, unit-wise
+            blocks) rescaled by ``N/m`` so the scale is that of the whole batch. Saves factor
+            products; the sampled backward still runs over the batch.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -207,6 +215,7 @@ class KroneckerEngine:
         split_dim: int | None = None,
         norm_layers: Sequence[NormLayer] | None = None,
         kfac_approx: str = "expand",
+        stats_fraction: float = 1.0,
     ) -> None:
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -220,6 +229,13 @@ class KroneckerEngine:
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
         self.kfac_approx = kfac_approx
+        if isinstance(stats_fraction, bool) or not isinstance(stats_fraction, int | float) \
+                or not 0 < stats_fraction <= 1:
+            raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction!r}")
+        if stats_fraction < 1 and structure == "block-tridiagonal":
+            raise ValueError("stats_fraction < 1 cannot be combined with "
+                             "structure='block-tridiagonal'")
+        self.stats_fraction = float(stats_fraction)
         self.layers: list[KFACLayer] = list(layers.layers if isinstance(layers, LayerTable)
                                             else layers)
         if norm_layers is None:
@@ -281,6 +297,18 @@ class KroneckerEngine:
                 not computed (default: all).
         """
         stats = LayerStatistics(num_examples=num_examples)
+        m = num_examples if self.stats_fraction >= 1.0 else max(
+            1, math.ceil(self.stats_fraction * num_examples))
+        stats.subset, stats.subset_scale = m, num_examples / m
+
+        def subset(x: Tensor, gs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+            if m >= num_examples:
+                return x, gs
+            return x[:m], [g[:m] for g in gs]
+
+        def rescale(t):
+            return t if m >= num_examples else t * (num_examples / m)
+
         for layer in self.layers:
             name = layer.name
             need_a, need_g = (True, True) if due is None else due.get(name, (False, False))
@@ -294,7 +322,8 @@ class KroneckerEngine:
             if not gs and need_g:
                 continue
             dtype = _factor_dtype(layer)
-            x, gs = reduce_shared(layer, capture.layer_inputs(name), gs, self.kfac_approx)
+            x, gs = reduce_shared(layer, *subset(capture.layer_inputs(name), gs),
+                                  self.kfac_approx)
             block = self.blocks[name]
             with torch.autocast(device_type=x.device.type, enabled=False):
                 xs = x if layer.kind == "embedding" else x.to(dtype)  # token indices stay
@@ -304,10 +333,11 @@ class KroneckerEngine:
                         if block.splits(layer.in_dim) and layer.kind != "embedding" \
                         else input_factor(layer, [xs])
                 if need_g:
-                    stats.G[name] = self._split_output_factor(block, gs, num_examples) \
+                    stats.G[name] = rescale(
+                        self._split_output_factor(block, gs, num_examples)
                         if block.splits(layer.out_dim) else output_factor(
                             layer, gs, num_examples, fisher=self.fisher,
-                            reduction=self.reduction, mc_samples=self.mc_samples)
+                            reduction=self.reduction, mc_samples=self.mc_samples))
             if need_a and need_g:
                 stats.used[name] = (x, gs)
         for layer in self.norm_layers:
@@ -323,11 +353,11 @@ class KroneckerEngine:
             if not gs:
                 continue
             dtype = _factor_dtype(layer)
-            x = capture.layer_inputs(name)
+            x, gs = subset(capture.layer_inputs(name), gs)
             with torch.autocast(device_type=x.device.type, enabled=False):
-                stats.F[name] = unit_fisher(layer, x.to(dtype), [g.to(dtype) for g in gs],
-                                            num_examples, fisher=self.fisher,
-                                            reduction=self.reduction, mc_samples=self.mc_samples)
+                stats.F[name] = rescale(unit_fisher(
+                    layer, x.to(dtype), [g.to(dtype) for g in gs], num_examples,
+                    fisher=self.fisher, reduction=self.reduction, mc_samples=self.mc_samples))
         if self.structure == "block-tridiagonal" and len(stats.used) == len(self.layers):
             stats.cross = self._cross_statistics(capture, stats)
         return stats
@@ -455,10 +485,11 @@ class KroneckerEngine:
             if block.eig is None or not block.ekfac:
                 continue
             with torch.autocast(device_type=x.device.type, enabled=False):
-                out[name] = ekfac_scalings(
+                s = ekfac_scalings(
                     block.layer, x, gs, block.eig.eigenvectors_A, block.eig.eigenvectors_G,
-                    x.shape[0], fisher=self.fisher, reduction=self.reduction,
-                    mc_samples=self.mc_samples)
+                    stats.num_examples if stats.subset_scale != 1.0 else x.shape[0],
+                    fisher=self.fisher, reduction=self.reduction, mc_samples=self.mc_samples)
+                out[name] = s if stats.subset_scale == 1.0 else s * stats.subset_scale
         return out
 
     def update_scalings(self, stats: LayerStatistics) -> None:

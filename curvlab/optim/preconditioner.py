@@ -82,6 +82,8 @@ class KFACPreconditioner:
             the plain gradient.
         kfac_approx: ``'expand'`` (default) or ``'reduce'`` (Eschenhagen et al. 2023) for
             layers applied at several positions (:func:`curvlab.kfac.factors.reduce_shared`).
+        stats_fraction: Factors from the first ``⌈f·N⌉`` examples of each batch (Martens &
+            Grosse: 1/8), rescaled to the batch (:class:`curvlab.kfac.KroneckerEngine`).
         distributed, distributed_mode, grad_worker_fraction, process_group,
             distributed_options: Distributed K-FAC (:mod:`curvlab.kfac.distributed`;
             construct after ``init_process_group``). ``distributed=None`` runs distributed
@@ -139,6 +141,7 @@ class KFACPreconditioner:
         split_dim: int | None = None,
         unitwise: bool = True,
         kfac_approx: str = "expand",
+        stats_fraction: float = 1.0,
         distributed: bool | None = None,
         distributed_mode: str | None = None,
         grad_worker_fraction: float | None = None,
@@ -179,7 +182,7 @@ class KFACPreconditioner:
         self.engine = KroneckerEngine(
             table, fisher=fisher, reduction=loss_reduction, mc_samples=self.mc_samples,
             inverse=inverse, ekfac=ekfac, ema_decay=ema,
-            split_dim=split_dim, kfac_approx=kfac_approx,
+            split_dim=split_dim, kfac_approx=kfac_approx, stats_fraction=stats_fraction,
             refresh=refresh if refresh is not None else FixedRefresh(
                 self.cov_interval, self.inv_interval, self.num_forced_inverses))
         self.ekfac = bool(ekfac)
