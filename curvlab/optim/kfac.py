@@ -87,6 +87,7 @@ from curvlab.kfac import (
 )
 from curvlab.kfac.distributed import DistributedKFAC, wants_distributed
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
+from curvlab.operators.local import LocalGGN
 from curvlab.optim._common import check_hyper, check_int, dot64, is_finite, replay_rng, rng_state
 from curvlab.optim.base import CurvatureOptimizer, SkipStep
 
@@ -465,21 +466,21 @@ class KFACOptimizer(CurvatureOptimizer):
         return [-lr * t for lr, t in zip(lrs, p, strict=True)]
 
     # ---- adaptive --------------------------------------------------------------------------
-    def _qmodel(self, lin, out, targets, grads, delta, w, hw, d0_zero, lam, buf):
-        """Optimal (α, μ) and the model change M(δ)−M(0) for proposal ``delta``."""
-        u = lin.jvp(delta)
+    def _qmodel(self, G, grads, delta, w, d0_zero, lam, buf):
+        """Optimal (α, μ) and the model change M(δ)−M(0) for proposal ``delta`` (GGN products
+        from the :class:`~curvlab.operators.LocalGGN` ``G`` at the current point)."""
+        u = G.jvp(delta)
         self.counters["jvp"] += 1
         self.counters["ggn_products"] += 1
-        hu = self.rule.hessian_vp(out, targets, u)
         damp = lam + self.hyper("weight_decay")
-        m11 = float(torch.sum(u * hu, dtype=torch.float64) + damp * dot64(delta, delta))
+        m11 = float(G.quadratic(u, u) + damp * dot64(delta, delta))
         c1 = float(dot64(grads, delta))
         if d0_zero:
             M = torch.tensor([[m11]], dtype=torch.float64)
             c = torch.tensor([c1], dtype=torch.float64)
         else:
-            m12 = float(torch.sum(u * hw, dtype=torch.float64) + damp * dot64(delta, buf))
-            m22 = float(torch.sum(w * hw, dtype=torch.float64) + damp * dot64(buf, buf))
+            m12 = float(G.quadratic(u, w) + damp * dot64(delta, buf))
+            m22 = float(G.quadratic(w, w) + damp * dot64(buf, buf))
             c2 = float(dot64(grads, buf))
             M = torch.tensor([[m11, m12], [m12, m22]], dtype=torch.float64)
             c = torch.tensor([c1, c2], dtype=torch.float64)
@@ -492,23 +493,21 @@ class KFACOptimizer(CurvatureOptimizer):
     def _adaptive_update(self, inputs, targets, loss, grads, weights, rng, k):
         with replay_rng(rng):
             lin = linearize(self.model, self.params, inputs, update_buffers=False)
+        G = LocalGGN.from_linearization(lin, self.rule, targets)
         self.counters["forward"] += 1
-        lout = lin.output.detach()
         buf = self.momentum_buffers
         d0_zero = all(not bool(b.any()) for b in buf)
         if d0_zero:
-            w = hw = None
+            w = None
         else:
-            w = lin.jvp(buf)
+            w = G.jvp(buf)
             self.counters["jvp"] += 1
-            hw = self.rule.hessian_vp(lout, targets, w)
         lam = self.damping
         wd = self.hyper("weight_decay")
 
         def candidate(gamma: float):
             delta = [-t for t in self._precondition(grads, gamma**2)]
-            alpha, mu, change = self._qmodel(lin, lout, targets, grads, delta, w, hw,
-                                             d0_zero, lam, buf)
+            alpha, mu, change = self._qmodel(G, grads, delta, w, d0_zero, lam, buf)
             return delta, alpha, mu, change
 
         if k % self.gamma_interval == 0:
