@@ -51,6 +51,7 @@ refresh/inv_interval (the benchmark settings: cov_interval=10, inv_interval=100 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 
@@ -228,9 +229,14 @@ PRODUCT_ROWS: dict[str, str | None] = {
 }
 
 
-def _shapes(model_name: str) -> list[LayerShape]:
+@functools.lru_cache(maxsize=16)
+def _cached_shapes(model_name: str, builder: object) -> tuple[LayerShape, ...]:
     model, shape, batch = MODELS[model_name]()
-    return layer_shapes(model, shape, batch)
+    return tuple(layer_shapes(model, shape, batch))
+
+
+def _shapes(model_name: str) -> list[LayerShape]:
+    return list(_cached_shapes(model_name, MODELS[model_name]))
 
 
 def floor_ratio(model_name: str, row: str, baseline: str = "SGD") -> float:

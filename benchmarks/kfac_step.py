@@ -9,7 +9,8 @@ work, interleaved round-robin with a plain SGD step (``zero_grad``, forward, bac
 * ``t_plain``: a K-FAC step without factor or inverse update (forward, backward, precondition,
   momentum, update);
 * ``t_cov``: a step with a factor update (adds the sampled-target backward and ``A``, ``G``);
-* ``t_inv``: one refresh of all eigendecompositions.
+* ``t_inv``: one refresh of all eigendecompositions, with (``inverse='factored'`` /
+  ``'cholesky'``) the explicit damped inverses the next product would build.
 
 Amortized step = ``t_plain + (t_cov - t_plain)/cov_interval + t_inv/inv_interval`` for the
 configurations (10, 100) and (1, 20); the forced inverses of the first three steps are a
@@ -76,6 +77,9 @@ def measure(name: str, *, repeats: int, device: torch.device, inverse: str = "ei
         for block in opt.engine.blocks.values():
             block.stale = True
         opt.engine.refresh()
+        if inverse != "eigen":  # the explicit damped inverses are built lazily, on the first
+            for block in opt.engine.blocks.values():  # product after a refresh: count them here
+                block.explicit_inverses(opt.damping)
 
     for fn in (sgd_step, kfac_cov, kfac_plain, sgd_step, kfac_plain):  # warm-up
         fn()
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(MODELS))
     parser.add_argument("--inverse", nargs="+", default=["eigen", "factored"],
-                        choices=["eigen", "factored"])
+                        choices=["eigen", "factored", "cholesky"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -10,11 +10,14 @@ backward + update). Memory ("step memory"): optimizer-held tensors (state such a
 buffers, and ``.grad`` buffers) plus the transient peak of one step, excluding the parameters
 and the batch -- on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the allocation
 events of ``torch.profiler`` (``profile_memory=True``); reported relative to SGD with momentum.
-Prints a markdown table. To add a case, append a ``StepCase`` to ``CASES``.
+Prints a markdown table, with the floor by operation count of each ratio (``benchmarks/flops.py``:
+the step's multiply-adds / the SGD step's) and "vs floor" (measured / floor). To add a case,
+append a ``StepCase`` to ``CASES``.
 
 K-FAC's cost depends on its intervals, so it gets its own table (from ``kfac_step.py``): the
 median times of a plain step, a step that also updates the factors, and an inverse refresh,
-combined into the amortized step time for (cov_interval, inv_interval) = (10, 100) and (1, 20).
+combined into the amortized step time for (cov_interval, inv_interval) = (10, 100) and (1, 20),
+for ``inverse`` = 'factored', 'eigen' and 'cholesky', then next to their floors by op count.
 
     python benchmarks/optimizers.py [--models mlp cnn] [--repeats 7] [--steps 5] [--threads 1]
 """
@@ -22,12 +25,14 @@ combined into the amortized step time for (cov_interval, inv_interval) = (10, 10
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import flops  # benchmarks/flops.py: the operation-count floor
 import torch
 from _common import MODELS, sync  # benchmarks/_common.py: shared networks and sync
 from torch import nn
@@ -53,6 +58,7 @@ CASES: list[StepCase] = [
     StepCase("HessianFree (10 CG)", lambda m, f: HessianFree(m, f, max_cg_iters=10)),
 ]
 BASELINE = "SGD"
+KFAC_INVERSES = ("factored", "eigen", "cholesky")
 MEMORY_BASELINE = "SGD+momentum"
 
 
@@ -162,20 +168,43 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((model_name, case.name, t[case.name] * 1e3, t[case.name] / t[BASELINE],
                          "" if mem is None else f"{mem[case.name]:.0f}", ratio_mem))
     mem_label = "step memory MiB"
-    print(f"| model | optimizer | ms/step | time / SGD step | {mem_label} | mem / SGD+mom |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"| model | optimizer | ms/step | time / SGD step | floor by op count | vs floor | "
+          f"{mem_label} | mem / SGD+mom |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for model_name, name, ms, ratio, mem_s, ratio_mem in rows:
-        print(f"| {model_name} | {name} | {ms:.1f} | {ratio:.2f}x | {mem_s} | {ratio_mem} |")
+        floor = flops.floor_ratio(model_name, name)
+        f_s, vs = ("", "") if math.isnan(floor) else (f"{floor:.2f}x", f"{ratio / floor:.2f}")
+        print(f"| {model_name} | {name} | {ms:.1f} | {ratio:.2f}x | {f_s} | {vs} | {mem_s} | "
+              f"{ratio_mem} |")
     if not args.no_kfac:
         from kfac_step import measure, table  # benchmarks/kfac_step.py
 
         results = {
             (name, inverse): measure(name, repeats=args.repeats, device=device, inverse=inverse)
             for name in args.models
-            for inverse in ("factored", "eigen")
+            for inverse in KFAC_INVERSES
         }
         print("\nK-FAC (fisher='mc'), amortized step time / SGD step:\n")
         print(table(results))
+        print("\nK-FAC amortized step / SGD+momentum step (kfac_step.py's baseline), next to "
+              "the floor by op count (benchmarks/flops.py):\n")
+        print(kfac_floor_table(results))
+
+
+def kfac_floor_table(results: dict[tuple[str, str], dict[str, float]]) -> str:
+    """Markdown rows: measured amortized K-FAC ratio, its floor by op count, and
+    measured / floor, for each of ``kfac_step.CONFIGS``."""
+    from kfac_step import CONFIGS, amortized  # benchmarks/kfac_step.py
+
+    lines = ["| model | inverse | intervals (cov/inv) | time / SGD+mom step | floor by op count "
+             "| vs floor |", "|---|---|---|---:|---:|---:|"]
+    for (name, inverse), t in results.items():
+        for cov, inv in CONFIGS:
+            ratio = amortized(t, cov, inv) / t["sgd"]
+            floor = flops.kfac_floor(name, cov, inv, inverse)
+            lines.append(f"| {name} | {inverse} | {cov}/{inv} | {ratio:.2f}x | {floor:.2f}x | "
+                         f"{ratio / floor:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ pool-conv128(3)-pool-fc512-fc256-fc10, ReLU, 32x32x3 inputs, batch 128), prints 
 each product divided by the median time of one gradient (forward + backward) on the same model and
 batch. All timings are interleaved in one process (each of ``--repeats`` rounds runs every product
 once, in a freshly shuffled order), float32, default ``torch.get_num_threads()``. Matrix
-products (K = 8 columns) are reported per column. Prints a markdown table.
+products (K = 8 columns) are reported per column. Prints a markdown table with, per model, the
+measured ratio, the floor by operation count (``benchmarks/flops.py``: multiply-adds of the
+product / those of one gradient) and "vs floor" (measured / floor: 1 = at the arithmetic's floor).
 
     python benchmarks/products.py [--repeats 20] [--models mlp cnn] [--device cpu]
                                   [--threads N] [--clock wall|cpu]
@@ -17,12 +19,13 @@ robust comparison on a shared, overloaded machine (it ignores time spent waiting
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import math
 import random
 import statistics
 import time
 from collections.abc import Callable
 
+import flops  # benchmarks/flops.py: the operation-count floor
 import torch
 from _common import MODELS, sync  # benchmarks/_common.py: shared networks
 from torch import nn
@@ -31,6 +34,7 @@ from curvlab.func import ggnvp, hessian_vector_product, linearize, loss_rule, se
 from curvlab.operators import GGN, EmpiricalFisher, Fisher, Hessian
 
 K = 8
+LABELS = {"mlp": "MLP 784-1000-500-250-10, bs 512", "cnn": "3c3d CNN, bs 128"}
 
 
 def products(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
@@ -133,24 +137,25 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(batch, *shape, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         results[name] = measure(products(model, x, y), args.repeats, device, clock)
-    curvlinops = importlib.util.find_spec("curvlinops") is not None
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"{args.repeats} interleaved repeats, float32, {args.clock} clock\n")
+          f"{args.repeats} interleaved repeats, float32, {args.clock} clock; floor by op count: "
+          "benchmarks/flops.py (multiply-adds / those of one gradient); vs floor = measured / "
+          "floor; peers (curvlinops, BackPACK): benchmarks/peers.py\n")
     header = "| product (time / gradient time) | " + " | ".join(
-        {"mlp": "MLP 784-1000-500-250-10, bs 512", "cnn": "3c3d CNN, bs 128"}[m]
-        for m in results) + " |"
+        f"{LABELS.get(m, m)} | floor by op count | vs floor" for m in results) + " |"
     print(header)
-    print("|---|" + "---|" * len(results))
+    print("|---|" + "---:|---:|---:|" * len(results))
     rows = next(iter(results.values())).keys()
     for row in rows:
-        if row == "gradient":
-            cells = [f"{results[m]['gradient'] * 1e3:.1f} ms (1.00x)" for m in results]
-        else:
-            cells = [f"{results[m][row] / results[m]['gradient']:.2f}x" for m in results]
+        cells = []
+        for m in results:
+            ratio = results[m][row] / results[m]["gradient"]
+            floor = flops.floor_ratio(m, row, baseline="gradient")
+            first = (f"{results[m]['gradient'] * 1e3:.1f} ms (1.00x)" if row == "gradient"
+                     else f"{ratio:.2f}x")
+            cells += [first, "" if math.isnan(floor) else f"{floor:.2f}x",
+                      "" if math.isnan(floor) else f"{ratio / floor:.2f}"]
         print(f"| {row} | " + " | ".join(cells) + " |")
-    note = "installed (not benchmarked here)" if curvlinops else "not installed"
-    print("| curvlinops | " + " | ".join(note for _ in results) + " |")
-
 
 if __name__ == "__main__":
     main()
