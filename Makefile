@@ -40,10 +40,21 @@ reproduce: install
 reproduce-full: install
 	$(BIN)/python -m curvlab reproduce --full --out results
 
+# Peers (pyproject's `benchmarks` extra) with --no-deps: no torchvision, no CUDA wheels.
+# BENCH_ARGS / TTT_ARGS / DIST_ARGS pass options through, e.g. a check that every table runs:
+#   make benchmarks BENCH_ARGS="--repeats 1" TTT_ARGS="--repeats 1 --quick" DIST_ARGS=--smoke
+BENCH_PEERS := curvlinops-for-pytorch backpack-for-pytorch asdfghjkl heavyball einops einconv \
+	unfoldnd opt-einsum linear-operator
 benchmarks: install
-	$(BIN)/python benchmarks/products.py
-	$(BIN)/python benchmarks/optimizers.py
-	$(BIN)/python benchmarks/time_to_target.py
+	$(BIN)/python -m pip install -q --no-deps $(BENCH_PEERS)
+	$(BIN)/python benchmarks/flops.py
+	$(BIN)/python benchmarks/products.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/optimizers.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/kfac_step.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/kfac_refresh.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/peers.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/time_to_target.py $(TTT_ARGS)
+	$(BIN)/python benchmarks/distributed.py $(DIST_ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
