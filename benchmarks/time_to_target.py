@@ -15,6 +15,15 @@ size) problems of ``curvlab.experiments``:
    the median is reported, with its ratio to the best first-order method's median (ratio < 1:
    faster than tuned SGD/Adam).
 
+4. extra methods (``benchmarks/_extra_methods.py``: Muon + AdamW, heavyball's SOAP and
+   PSGD-Kron when installed, K-FAC adaptive, K-FAC preconditioner + SGD with and without
+   ``kl_clip``, ``inverse='cholesky'``, ``split_dim=128``, ``AdaptiveRefresh()``,
+   ``stats_fraction=1/8``) are tuned here over their own small grids (one run per point,
+   lowest final training loss) and timed in the same interleaved rounds. Reported per method:
+   iterations to the target, seconds, and milliseconds per iteration.
+
+``--quick`` tunes the extra methods at their first grid point only (a check that it runs).
+
 Usage::
 
     python benchmarks/time_to_target.py [--problems autoencoder cnn] [--repeats 3]
@@ -34,6 +43,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from _extra_methods import extra_methods  # benchmarks/_extra_methods.py
 
 from curvlab.experiments import autoencoder, cnn_classification, make_context, provenance
 from curvlab.experiments.autoencoder import autoencoder_methods, autoencoder_problem
@@ -56,6 +66,32 @@ def _problems(names, ctx):
     return out
 
 
+def _tune_extras(label, problem, ctx, rows, quick):
+    """Tune every :func:`_extra_methods.extra_methods` method (lowest final training loss over
+    its grid, one run per point at the sweep's length); a method that fails is a "not run" row.
+    """
+    out = []
+    for extra in extra_methods():
+        best = None
+        for hp in extra.points(quick):
+            try:
+                r = train(extra.make(hp), problem.model_factory, problem.data,
+                          loss_fn=problem.loss_fn, iterations=problem.iterations,
+                          batch_size=problem.batch_size, eval_every=problem.iterations,
+                          device=ctx.device, seed=0, eval_train_size=problem.eval_train_size)
+            except Exception as err:  # an optimizer that cannot run here: say why
+                rows.append({"problem": label, "method": extra.label,
+                             "setting": f"not run: {type(err).__name__}: {err}"[:200]})
+                best = None
+                break
+            loss = r.summary["final_train_loss"]
+            if math.isfinite(loss) and (best is None or loss < best[0]):
+                best = (loss, hp)
+        if best is not None:
+            out.append((extra.label, extra.first_order, extra.make(best[1]), best[1]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", nargs="+", default=["autoencoder", "cnn"],
@@ -65,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default="results")
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="check the script runs: the extra methods' first grid point only")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     ctx = make_context(args.out, full=args.full, device=args.device, progress=True)
@@ -78,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         best = res.best
         fo = best[best["first_order"].astype(bool)]
         target = float(fo["final_train_loss"].min()) * args.slack
-        settings = []
+        settings = []  # (label, first_order, opt_factory, hp)
         for method in methods:
             if (problem.name, method.label) in res.not_run:
                 rows.append({"problem": label, "method": method.label, "setting": "not run: "
@@ -87,31 +125,36 @@ def main(argv: list[str] | None = None) -> int:
             row = best[best["method"] == method.label].iloc[0]
             hp = {c[3:]: row[c] for c in best.columns
                   if c.startswith("hp.") and row[c] != "-" and pd.notna(row[c])}
-            settings.append((method, hp))
-        times: dict[str, list[float]] = {m.label: [] for m, _ in settings}
-        iters: dict[str, list[float]] = {m.label: [] for m, _ in settings}
+            kw = {**method.fixed, **hp}
+            settings.append((method.label, method.first_order,
+                             lambda m, lf, kw=kw, o=method.optimizer: build_optimizer(o, m, lf, kw),
+                             hp))
+        n_sweep = len(settings)  # SGD/Adam of the sweep set the target and the reference
+        settings += _tune_extras(label, problem, ctx, rows, args.quick)
+        times: dict[str, list[float]] = {s[0]: [] for s in settings}
+        iters: dict[str, list[float]] = {s[0]: [] for s in settings}
         for rep in range(args.repeats):
-            for method, hp in settings:
-                kw = {**method.fixed, **hp}
-                r = train(lambda m, lf, kw=kw, o=method.optimizer: build_optimizer(o, m, lf, kw),
-                          problem.model_factory, problem.data, loss_fn=problem.loss_fn,
+            for name, _, factory, _ in settings:
+                r = train(factory, problem.model_factory, problem.data, loss_fn=problem.loss_fn,
                           iterations=2 * problem.iterations, batch_size=problem.batch_size,
                           eval_every=1, device=ctx.device, seed=0, target_loss=target,
                           stop_at_target=True, eval_train_size=problem.eval_train_size)
-                times[method.label].append(r.summary["time_to_target"])
-                iters[method.label].append(r.summary["iters_to_target"])
-                print(f"[{label} rep {rep}] {method.label}: {r.summary['time_to_target']:.3f} s",
+                times[name].append(r.summary["time_to_target"])
+                iters[name].append(r.summary["iters_to_target"])
+                print(f"[{label} rep {rep}] {name}: {r.summary['time_to_target']:.3f} s",
                       file=sys.stderr, flush=True)
         med = {k: statistics.median(v) if all(math.isfinite(x) for x in v) else math.inf
                for k, v in times.items()}
-        best_fo = min((med[m.label] for m, _ in settings if m.first_order), default=math.nan)
-        for method, hp in settings:
+        best_fo = min((med[s[0]] for s in settings[:n_sweep] if s[1]), default=math.nan)
+        for name, _, _, hp in settings:
+            it = statistics.median(iters[name])
             rows.append({
-                "problem": label, "method": method.label,
+                "problem": label, "method": name,
                 "setting": ", ".join(f"{k}={v:g}" for k, v in hp.items()) or "default",
-                "target_loss": target, "iters_to_target": statistics.median(iters[method.label]),
-                "seconds_to_target": med[method.label],
-                "ratio_to_best_first_order": med[method.label] / best_fo,
+                "target_loss": target, "iters_to_target": it,
+                "seconds_to_target": med[name],
+                "ms_per_iteration": 1e3 * med[name] / it if it and math.isfinite(it) else math.nan,
+                "ratio_to_best_first_order": med[name] / best_fo,
             })
     table = pd.DataFrame(rows)
     out = Path(args.out) / "benchmarks"
