@@ -106,14 +106,16 @@ def _kfac_sgd(**fixed):
     return make
 
 
-def extra_methods() -> list[Extra]:
-    """The extra methods (heavyball's only when it is installed)."""
+def extra_methods(heavyball: bool = False) -> list[Extra]:
+    """The extra methods; heavyball's SOAP / PSGD-Kron only with ``heavyball=True`` and when it
+    is installed (it is compile-first: on a CPU its ``torch.compile`` autotuning takes many
+    minutes per run)."""
     damping = [1e-3, 1e-2, 1e-1]
     out = [
         Extra("Muon + AdamW", _muon, {"lr": [0.01, 0.02, 0.05], "adamw_lr": [1e-3, 3e-3]},
               first_order=True),
     ]
-    if importlib.util.find_spec("heavyball") is not None:
+    if heavyball and importlib.util.find_spec("heavyball") is not None:
         out += [Extra("SOAP (heavyball)", _heavyball("SOAP"), {"lr": [1e-3, 3e-3, 1e-2]},
                       first_order=True),
                 Extra("PSGD-Kron (heavyball)", _heavyball("PSGDKron"),

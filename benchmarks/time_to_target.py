@@ -16,13 +16,14 @@ size) problems of ``curvlab.experiments``:
    faster than tuned SGD/Adam).
 
 4. extra methods (``benchmarks/_extra_methods.py``: Muon + AdamW, heavyball's SOAP and
-   PSGD-Kron when installed, K-FAC adaptive, K-FAC preconditioner + SGD with and without
+   PSGD-Kron with ``--heavyball``, K-FAC adaptive, K-FAC preconditioner + SGD with and without
    ``kl_clip``, ``inverse='cholesky'``, ``split_dim=128``, ``AdaptiveRefresh()``,
    ``stats_fraction=1/8``) are tuned here over their own small grids (one run per point,
    lowest final training loss) and timed in the same interleaved rounds. Reported per method:
    iterations to the target, seconds, and milliseconds per iteration.
 
-``--quick`` tunes the extra methods at their first grid point only (a check that it runs).
+``--heavyball`` adds heavyball's SOAP and PSGD-Kron (compile-first: minutes of autotuning per
+run on a CPU). ``--quick`` tunes the extra methods at their first grid point only (a check that it runs).
 
 Usage::
 
@@ -66,12 +67,12 @@ def _problems(names, ctx):
     return out
 
 
-def _tune_extras(label, problem, ctx, rows, quick):
+def _tune_extras(label, problem, ctx, rows, quick, heavyball=False):
     """Tune every :func:`_extra_methods.extra_methods` method (lowest final training loss over
     its grid, one run per point at the sweep's length); a method that fails is a "not run" row.
     """
     out = []
-    for extra in extra_methods():
+    for extra in extra_methods(heavyball):
         best = None
         for hp in extra.points(quick):
             try:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="check the script runs: the extra methods' first grid point only")
+    parser.add_argument("--heavyball", action="store_true",
+                        help="also SOAP / PSGD-Kron from heavyball (torch.compile: slow on CPU)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     ctx = make_context(args.out, full=args.full, device=args.device, progress=True)
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                              lambda m, lf, kw=kw, o=method.optimizer: build_optimizer(o, m, lf, kw),
                              hp))
         n_sweep = len(settings)  # SGD/Adam of the sweep set the target and the reference
-        settings += _tune_extras(label, problem, ctx, rows, args.quick)
+        settings += _tune_extras(label, problem, ctx, rows, args.quick, args.heavyball)
         times: dict[str, list[float]] = {s[0]: [] for s in settings}
         iters: dict[str, list[float]] = {s[0]: [] for s in settings}
         for rep in range(args.repeats):
