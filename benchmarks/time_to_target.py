@@ -23,7 +23,8 @@ size) problems of ``curvlab.experiments``:
    iterations to the target, seconds, and milliseconds per iteration.
 
 ``--heavyball`` adds heavyball's SOAP and PSGD-Kron (compile-first: minutes of autotuning per
-run on a CPU). ``--quick`` tunes the extra methods at their first grid point only (a check that it runs).
+run on a CPU). ``--quick`` tunes the extra methods at their first grid point only (a check
+that it runs).
 
 Usage::
 
