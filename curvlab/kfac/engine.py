@@ -23,39 +23,26 @@ grouped convolutions (one block per group), shared weights (K-FAC-expand over th
 from __future__ import annotations
 
 import copy
-import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from curvlab.kfac.blocks import InverseKind, KroneckerBlock, check_inverse
-from curvlab.kfac.capture import FactorCapture
-from curvlab.kfac.ekfac import ekfac_scalings
+from curvlab.kfac.chain import ChainMixin
 from curvlab.kfac.factors import (
     KFAC_APPROX,
     KroneckerFactors,
-    cross_input_factor,
-    cross_output_factor,
-    fisher_scale,
-    input_factor,
-    output_factor,
-    reduce_shared,
 )
-from curvlab.kfac.inverse import EighError
-from curvlab.kfac.layers import KFACLayer, LayerTable, find_layers
+from curvlab.kfac.layers import KFACLayer, LayerTable
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
-from curvlab.kfac.split import SplitMatrix, split_gram
+from curvlab.kfac.registration import register_layers
+from curvlab.kfac.statistics import LayerStatistics, StatisticsMixin
 from curvlab.kfac.tridiagonal import TridiagonalFactors, TridiagonalInverse
 from curvlab.kfac.unitwise import (
-    NORM_TYPES,
     NormLayer,
     UnitWiseBlock,
-    find_norm_layers,
-    unit_fisher,
 )
 
 __all__ = ["FISHER_TYPES", "KroneckerEngine", "LayerStatistics", "register_layers"]
@@ -65,95 +52,7 @@ Structure = Literal["block-diagonal", "block-tridiagonal"]
 STRUCTURES = ("block-diagonal", "block-tridiagonal")
 
 
-def register_layers(
-    model: nn.Module, selected: Mapping[str, Tensor] | Sequence[str], *, strict: bool, who: str,
-    fallback: str = "", unitwise: bool = True,
-) -> LayerTable:
-    """The one registration policy of every K-FAC entry point.
-
-    ``nn.Linear`` and ``nn.Conv2d`` layers are registered (grouped convolutions as one block per
-    group); with ``unitwise=True`` (default) the affine parameters of BatchNorm, LayerNorm and
-    GroupNorm get SP-NGD's unit-wise blocks (``table.norm``, :mod:`curvlab.kfac.unitwise`).
-    Selected parameters of any other module get no block: one warning names
-    them (``strict=True`` raises ``ValueError`` instead); what that means is each entry point's
-    documented fallback (the operator is zero there, the optimizer and the preconditioner pass
-    the gradient through), stated in the warning by ``fallback``.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.PReLU())
-        >>> table = register_layers(net, dict(net.named_parameters()), strict=True,
-        ...                         who="demo", unitwise=True)  # doctest: +SKIP
-        >>> register_layers(net, dict(net.named_parameters()), strict=True, who="demo")
-        Traceback (most recent call last):
-        ...
-        ValueError: demo: K-FAC does not support these modules/parameters: 2 (PReLU: no Kronecker-factored rule for this module type): 2.weight; exclude them with params= or pass strict=False
-    """  # noqa: E501
-    names = list(selected)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = find_layers(model, names, strict=False, grouped_conv=True)
-    if unitwise:
-        modules = dict(model.named_modules())
-        norm_mods = [m for m in table.unsupported if isinstance(modules.get(m), NORM_TYPES)]
-        by_id = {id(p): n for n, p in model.named_parameters() if n in set(names)}
-        table.norm = [la for la in find_norm_layers(model, by_id) if la.name in norm_mods]
-        for la in table.norm:
-            rest = [n for n in table.unsupported[la.name] if n not in la.param_names]
-            if rest:
-                table.unsupported[la.name] = rest
-            else:
-                del table.unsupported[la.name]
-                table.reasons.pop(la.name, None)
-    if table.unsupported:
-        detail = "; ".join(f"{m or '<root>'} ({table.reasons.get(m, '?')}): {', '.join(ps)}"
-                           for m, ps in table.unsupported.items())
-        if strict:
-            raise ValueError(f"{who}: K-FAC does not support these modules/parameters: {detail}"
-                             "; exclude them with params= or pass strict=False")
-        warnings.warn(f"{who}: no Kronecker-factored block for {detail}"
-                      + (f"; {fallback}" if fallback else ""), UserWarning, stacklevel=3)
-    return table
-
-
-@dataclass
-class LayerStatistics:
-    """New statistics of one step, ready for :meth:`KroneckerEngine.update`.
-
-    Attributes:
-        A, G: ``{layer name: factor}`` of the layers that received statistics.
-        used: ``{layer name: (expanded inputs, [output gradients per pass])}`` (EKFAC).
-        cross: ``{i: (A_{i,i+1}, G_{i,i+1})}`` for the block-tridiagonal chain.
-        num_examples: ``N`` of the batch.
-        F: ``{norm layer name: (U, d, d)}`` unit-wise Fisher blocks.
-        subset, subset_scale: Examples the statistics used (``stats_fraction``) and ``N / m``.
-    """
-
-    A: dict[str, Tensor] = field(default_factory=dict)
-    G: dict[str, Tensor] = field(default_factory=dict)
-    used: dict[str, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
-    cross: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    num_examples: int = 0
-    F: dict[str, Tensor] = field(default_factory=dict)
-    subset: int = 0
-    subset_scale: float = 1.0
-
-    def tensors(self) -> list[Tensor]:
-        out = []
-        for t in [*self.A.values(), *self.G.values(), *self.F.values(),
-                  *[t for c in self.cross.values() for t in c]]:
-            out.extend(t.parts() if isinstance(t, SplitMatrix) else [t])
-        return out
-
-    def is_finite(self) -> bool:
-        ts = self.tensors()
-        return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
-
-
-def _factor_dtype(layer: KFACLayer) -> torch.dtype:
-    return torch.float64 if layer.weight_param.dtype == torch.float64 else torch.float32
-
-
-class KroneckerEngine:
+class KroneckerEngine(StatisticsMixin, ChainMixin):
     r"""Kronecker blocks of a model's registered layers (see the module docstring).
 
     Args:
@@ -185,6 +84,8 @@ class KroneckerEngine:
             products; the sampled backward still runs over the batch.
 
     Example:
+        >>> from torch import nn
+        >>> from curvlab.kfac import FactorCapture, find_layers
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> engine = KroneckerEngine(find_layers(net), fisher="empirical")
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
@@ -279,126 +180,6 @@ class KroneckerEngine:
         self._chain_inverses: dict[float, TridiagonalInverse] = {}
 
     # ---- statistics ----------------------------------------------------------------------
-    def statistics(
-        self, capture: FactorCapture, num_examples: int, *, passes: int | None = None,
-        grads: Mapping[str, list[Tensor]] | None = None,
-        due: Mapping[str, tuple[bool, bool]] | None = None,
-    ) -> LayerStatistics:
-        """New factors of every layer that received statistics in ``capture``.
-
-        Args:
-            capture: A filled capture over :attr:`layers`.
-            num_examples: ``N`` of the batch.
-            passes: Which recorded backward passes carry the Fisher statistics: ``None`` uses
-                all of them (``fisher='empirical'``: the first), an int ``k`` the last ``k``.
-            grads: Per-layer output gradients (one tensor per pass) to use instead of the
-                capture's (e.g. the preconditioner's separately recorded sampled passes).
-            due: ``{name: (A due, G due)}`` from :meth:`due_statistics`; factors not due are
-                not computed (default: all).
-        """
-        stats = LayerStatistics(num_examples=num_examples)
-        m = num_examples if self.stats_fraction >= 1.0 else max(
-            1, math.ceil(self.stats_fraction * num_examples))
-        stats.subset, stats.subset_scale = m, num_examples / m
-
-        def subset(x: Tensor, gs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-            if m >= num_examples:
-                return x, gs
-            return x[:m], [g[:m] for g in gs]
-
-        def rescale(t):
-            return t if m >= num_examples else t * (num_examples / m)
-
-        for layer in self.layers:
-            name = layer.name
-            need_a, need_g = (True, True) if due is None else due.get(name, (False, False))
-            if not capture.inputs[name] or not (need_a or need_g):
-                continue
-            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
-            if self.fisher == "empirical" and grads is None:
-                gs = gs[:1]
-            elif passes is not None:
-                gs = gs[-passes:] if passes else []
-            if not gs and need_g:
-                continue
-            dtype = _factor_dtype(layer)
-            x, gs = reduce_shared(layer, *subset(capture.layer_inputs(name), gs),
-                                  self.kfac_approx)
-            block = self.blocks[name]
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                xs = x if layer.kind == "embedding" else x.to(dtype)  # token indices stay
-                gs = [g.to(dtype) for g in gs]
-                if need_a:
-                    stats.A[name] = self._split_input_factor(block, xs) \
-                        if block.splits(layer.in_dim) and layer.kind != "embedding" \
-                        else input_factor(layer, [xs])
-                if need_g:
-                    stats.G[name] = rescale(
-                        self._split_output_factor(block, gs, num_examples)
-                        if block.splits(layer.out_dim) else output_factor(
-                            layer, gs, num_examples, fisher=self.fisher,
-                            reduction=self.reduction, mc_samples=self.mc_samples))
-            if need_a and need_g:
-                stats.used[name] = (x, gs)
-        for layer in self.norm_layers:
-            name = layer.name
-            need = (True, True) if due is None else due.get(name, (False, False))
-            if not capture.inputs[name] or not any(need):
-                continue
-            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
-            if self.fisher == "empirical" and grads is None:
-                gs = gs[:1]
-            elif passes is not None:
-                gs = gs[-passes:] if passes else []
-            if not gs:
-                continue
-            dtype = _factor_dtype(layer)
-            x, gs = subset(capture.layer_inputs(name), gs)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                stats.F[name] = rescale(unit_fisher(
-                    layer, x.to(dtype), [g.to(dtype) for g in gs], num_examples,
-                    fisher=self.fisher, reduction=self.reduction, mc_samples=self.mc_samples))
-        if self.structure == "block-tridiagonal" and len(stats.used) == len(self.layers):
-            stats.cross = self._cross_statistics(capture, stats)
-        return stats
-
-    @staticmethod
-    def _split_input_factor(block: KroneckerBlock, x: Tensor) -> SplitMatrix:
-        """Blockwise ``A`` (same scale as :func:`~curvlab.kfac.factors.input_factor`)."""
-        if block.layer.bias is not None:
-            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        return split_gram(x.flatten(0, 1), block.split_dim) / x.shape[0]
-
-    def _split_output_factor(self, block: KroneckerBlock, gs: list[Tensor],
-                             num_examples: int) -> SplitMatrix:
-        """Blockwise ``G`` (same scale as :func:`~curvlab.kfac.factors.output_factor`)."""
-        s = fisher_scale(self.fisher, num_examples, self.reduction, self.mc_samples)
-        total = None
-        for g in gs:
-            c = split_gram(g.flatten(0, 1), block.split_dim) / g.shape[1]
-            total = c if total is None else total + c
-        return total * s
-
-    def _cross_statistics(self, capture: FactorCapture,
-                          stats: LayerStatistics) -> dict[int, tuple[Tensor, Tensor]]:
-        out = {}
-        for i, (a, b) in enumerate(zip(self.layers[:-1], self.layers[1:], strict=True)):
-            (xa, ga), (xb, gb) = stats.used[a.name], stats.used[b.name]
-            if capture.calls(a.name) != 1 or capture.calls(b.name) != 1 or xa.shape[1] != 1 \
-                    or xb.shape[1] != 1 or len(ga) != len(gb):
-                raise ValueError(
-                    f"structure='block-tridiagonal': layers {a.name!r} and {b.name!r} must be "
-                    "called once per forward on (N, features) inputs")
-            dtype = _factor_dtype(a)
-            with torch.autocast(device_type=xa.device.type, enabled=False):
-                ca = cross_input_factor(a, b, xa.to(dtype), xb.to(dtype))
-                cg = cross_output_factor(a, b, [g.to(dtype) for g in ga],
-                                         [g.to(dtype) for g in gb], stats.num_examples,
-                                         fisher=self.fisher, reduction=self.reduction,
-                                         mc_samples=self.mc_samples)
-            out[i] = (ca, cg)
-        return out
-
     def due_statistics(self, step: int) -> dict[str, tuple[bool, bool]]:
         """``{layer: (A due, G due)}`` at ``step`` (counted from 0) by the refresh policy."""
         return {name: self.policy.stats_due(step, name) for name in self.blocks}
@@ -476,22 +257,6 @@ class KroneckerEngine:
                           enumerate(zip(cross.cross_A, cross.cross_G, strict=True))}
             self.cross_updates = max(self.cross_updates, 1)
 
-    def ekfac_statistics(self, stats: LayerStatistics) -> dict[str, Tensor]:
-        """EKFAC scalings of ``stats`` in each block's current eigenbasis (blocks without one
-        are left out)."""
-        out = {}
-        for name, (x, gs) in stats.used.items():
-            block = self.blocks[name]
-            if block.eig is None or not block.ekfac:
-                continue
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                s = ekfac_scalings(
-                    block.layer, x, gs, block.eig.eigenvectors_A, block.eig.eigenvectors_G,
-                    stats.num_examples if stats.subset_scale != 1.0 else x.shape[0],
-                    fisher=self.fisher, reduction=self.reduction, mc_samples=self.mc_samples)
-                out[name] = s if stats.subset_scale == 1.0 else s * stats.subset_scale
-        return out
-
     def update_scalings(self, stats: LayerStatistics) -> None:
         """Average the EKFAC scalings of ``stats`` into the blocks (``ekfac=True``)."""
         for name, s in self.ekfac_statistics(stats).items():
@@ -533,23 +298,6 @@ class KroneckerEngine:
             done += bool(block.refresh())
         return done
 
-    def chain_inverse(self, damping: float) -> TridiagonalInverse | None:
-        """Martens & Grosse's block-tridiagonal inverse at the last refresh (``None`` if it is
-        unavailable, warned)."""
-        if self.chain is None:
-            return None
-        if damping not in self._chain_inverses:
-            try:
-                inv = TridiagonalInverse(self.chain, damping, pi=self.pi)
-            except (EighError, ValueError) as err:
-                warnings.warn(f"K-FAC: block-tridiagonal inverse failed ({err}); using the "
-                              "block-diagonal inverse", RuntimeWarning, stacklevel=3)
-                return None
-            if len(self._chain_inverses) > 4:
-                self._chain_inverses.clear()
-            self._chain_inverses[damping] = inv
-        return self._chain_inverses[damping]
-
     def multiply(self, mats: Mapping[str, Tensor], power: int = -1, damping: float = 0.0, *,
                  inverse: InverseKind | None = None) -> dict[str, Tensor]:
         """``(block + damping)^power`` per layer on matrices ``{name: (..., out, in)}``.
@@ -564,32 +312,6 @@ class KroneckerEngine:
             return {**self._chain_multiply(mats, power, damping), **rest}
         return {name: self.blocks[name].multiply(m, power, damping, inverse=inverse)
                 for name, m in mats.items()}
-
-    def _chain_multiply(self, mats: Mapping[str, Tensor], power: int,
-                        damping: float) -> dict[str, Tensor]:
-        if True:
-            vs = [mats[la.name] for la in self.layers]
-            if power == 1:
-                chain = self._current_chain()
-                out = chain.mv([v.to(chain.diag[0].A.dtype) for v in vs])
-                out = [o + damping * v if damping else o for o, v in zip(out, vs, strict=True)]
-                return {la.name: o.to(v.dtype) for la, o, v in zip(self.layers, out, vs,
-                                                                    strict=True)}
-            inv = self.chain_inverse(damping)
-            if inv is not None:
-                dtype = inv.inv_A[0].dtype
-                res = inv.apply([v.to(dtype) for v in vs])
-                return {la.name: u.to(v.dtype) for la, u, v in zip(self.layers, res, vs,
-                                                                    strict=True)}
-        return {la.name: self.blocks[la.name].multiply(mats[la.name], power, damping)
-                for la in self.layers}
-
-    def _current_chain(self) -> TridiagonalFactors:
-        return TridiagonalFactors(
-            [KroneckerFactors(self.blocks[la.name].A, self.blocks[la.name].G, 0)
-             for la in self.layers],
-            [self.cross[i][0] for i in range(len(self.layers) - 1)],
-            [self.cross[i][1] for i in range(len(self.layers) - 1)])
 
     def precondition(self, grads: Mapping[str, Tensor], damping: float, *,
                      inverse: InverseKind | None = None) -> dict[str, Tensor]:
