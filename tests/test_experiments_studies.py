@@ -1,5 +1,5 @@
-"""The three optimizer studies (auto-encoder, CNN, large batch): settings, tables, claims and
-tiny end-to-end smoke runs (a few iterations; results are not checked for quality)."""
+"""The three optimizer studies (auto-encoder, CNN, large batch; Muon in each): settings,
+tables, claims and tiny end-to-end smoke runs (a few iterations; quality is not checked)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def test_autoencoder_methods_scale_with_input_dim():
     assert methods["K-FAC (block-tridiag, adaptive)"].fixed["structure"] == "block-tridiagonal"
     assert methods["Adam"].tuned and not methods["CurveBall"].tuned
     assert {m.label for m in ae.autoencoder_methods(64) if m.first_order} == {
-        "SGD-momentum", "Adam"}
+        "SGD-momentum", "Adam", "Muon"}
+    assert methods["Muon"].optimizer == "muon" and methods["Muon"].tuned
 
 
 def test_autoencoder_quick_problems(ctx):
@@ -93,16 +94,31 @@ def test_autoencoder_claims_on_synthetic_table():
     assert [c.holds for c in wall] == [False, False]
 
 
+def test_cnn_claims_keep_a_diverged_kfac():
+    table = pd.DataFrame({
+        "problem": "batchnorm", "status": "ran",
+        "method": ["CurveBall (untuned)", "SGD-momentum", "Adam", "Muon", "K-FAC (KFC)"],
+        "diverged": [False, False, False, False, True],
+        "final_train_loss": [0.13, 0.13, 0.6, 0.01, 345.0], "train_time_s": 1.0})
+    claims = {c.name: c for c in cnn._claims(table, ["batchnorm"])}
+    kfac = [c for n, c in claims.items() if "K-FAC/KFC reaches" in n]
+    assert len(kfac) == 2 and not any(c.holds for c in kfac)  # diverged: listed, not dropped
+    assert all("diverged" in c.detail for c in kfac)
+    muon = next(c for n, c in claims.items() if "CurveBall" in n and "tuned Muon" in n)
+    assert not muon.holds
+
+
 def test_large_batch_smoke(ctx, monkeypatch):
     monkeypatch.setattr(lb, "large_batch_settings", lambda full=False: {
         "batch_sizes": [32, 256], "target": 2.0, "max_iterations": 4, "eval_every": 1,
         "hidden": [8]})
     monkeypatch.setattr(lb, "large_batch_grids", lambda full=False: {
-        "SGD": {"lr": [0.1], "momentum": [0.0, 0.9]}, "K-FAC": {"lr": [0.1], "damping": [0.1]}})
+        "SGD": {"lr": [0.1], "momentum": [0.0, 0.9]}, "K-FAC": {"lr": [0.1], "damping": [0.1]},
+        "Muon": {"lr": [0.03], "momentum": [0.95]}})
     out = lb.run_large_batch(ctx)
     assert all(f.exists() for f in out.figures)
     if "K-FAC: not run" not in out.notes:
-        assert set(out.table["method"]) == {"SGD", "K-FAC"}
+        assert set(out.table["method"]) == {"SGD", "K-FAC", "Muon"}
     assert (ctx.out_dir / "large-batch" / "summary.csv").exists()
 
 

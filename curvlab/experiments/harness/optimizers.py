@@ -30,12 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.experiments.harness.muon import MuonAdamW
+
 __all__ = ["OPTIMIZER_NAMES", "Method", "build_optimizer", "unavailable_reason"]
 
 #: optimizer name -> (attribute of ``curvlab.optim``, ``torch.optim`` class for TorchOptimizer)
 _CLASSES: dict[str, tuple[str, type[torch.optim.Optimizer] | None]] = {
     "sgd": ("TorchOptimizer", torch.optim.SGD),
     "adam": ("TorchOptimizer", torch.optim.Adam),
+    "muon": ("TorchOptimizer", MuonAdamW),
     "curveball": ("CurveBall", None),
     "hessian-free": ("HessianFree", None),
     "kfac": ("KFACOptimizer", None),
@@ -44,6 +47,12 @@ _CLASSES: dict[str, tuple[str, type[torch.optim.Optimizer] | None]] = {
     "bfgs": ("DenseBFGS", None),
 }
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_CLASSES)
+#: old keyword -> new keyword of the curvlab optimizers: recorded run configs keep the old key
+#: (so their run keys stay the same); :func:`build_optimizer` passes the new one, so no run
+#: emits the optimizers' ``DeprecationWarning``. The one place that translates them. (The old
+#: ``curvature=`` is not here: its values were renamed too, ``'ggn'`` -> ``'type2'``, and no
+#: study uses it.)
+_RENAMED_KWARGS: dict[str, str] = {"lambd": "damping"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,11 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: Callable, hp: Mapping[
 
     ``"sgd"``/``"adam"`` wrap ``torch.optim.SGD``/``Adam`` through
     ``curvlab.optim.TorchOptimizer``; for ``"adam"`` the flat keys ``beta1``/``beta2`` (CSV
-    friendly) stand for ``betas=(beta1, beta2)`` (defaults 0.9, 0.999). The other names are
+    friendly) stand for ``betas=(beta1, beta2)`` (defaults 0.9, 0.999). ``"muon"`` wraps
+    :class:`~curvlab.experiments.harness.muon.MuonAdamW` (``torch.optim.Muon`` on the weight
+    matrices, convolution filters flattened, AdamW on the rest: ``lr``, ``adamw_lr``,
+    ``momentum``, ``weight_decay``). The old keyword ``lambd`` of the curvlab optimizers
+    (:data:`_RENAMED_KWARGS`) is passed as ``damping``. The other names are
     ``curvlab.optim`` classes: ``"curveball"`` CurveBall, ``"hessian-free"`` HessianFree,
     ``"kfac"`` K-FAC, ``"ngd"`` NaturalGradient, ``"lm"``/``"bfgs"`` the dense
     Levenberg-Marquardt / BFGS baselines. ``seed`` gives the optimizer its own sampling stream,
@@ -115,6 +128,13 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: Callable, hp: Mapping[
         raise ValueError(f"build_optimizer: unknown optimizer {name!r}; known: {OPTIMIZER_NAMES}")
     attr, torch_cls = _CLASSES[name]
     kwargs = dict(hp)
+    if torch_cls is None:
+        for old, new in _RENAMED_KWARGS.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise ValueError(f"build_optimizer({name!r}): give {new}= or its old name "
+                                     f"{old}=, not both")
+                kwargs[new] = kwargs.pop(old)
     if name == "adam" and ({"beta1", "beta2"} & set(kwargs)):
         if "betas" in kwargs:
             raise ValueError("build_optimizer('adam'): give betas= or beta1=/beta2=, not both")

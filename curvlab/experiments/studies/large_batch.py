@@ -1,9 +1,10 @@
-"""Large-batch scaling of SGD and K-FAC (Ma et al. 2019/2020, arXiv 1903.06237; spec kfac.md §6).
+"""Large-batch scaling of SGD, Muon and K-FAC (Ma et al. 2019/2020, arXiv 1903.06237; kfac.md §6).
 
 For each batch size ``B`` and each grid point — SGD: learning rate × momentum; K-FAC: learning
-rate × damping (momentum 0.9, block-diagonal, fixed lr, MC Fisher) — train until the full-batch
-training loss reaches a target and record the number of iterations (evaluated every
-``eval_every`` iterations; capped). Outputs: the best iterations-to-target against ``B`` on
+rate × damping (momentum 0.9, block-diagonal, fixed lr, MC Fisher); Muon (``torch.optim.Muon``
+on the weight matrices, AdamW at lr 3e-3 on the biases): learning rate × momentum — train until
+the full-batch training loss reaches a target and record the number of iterations (evaluated
+every ``eval_every`` iterations; capped). Outputs: the best iterations-to-target against ``B`` on
 log-log axes with the ideal strong-scaling line ``steps(B₀)·B₀/B``, and heat maps of
 iterations-to-target over the grid at every batch size (blank = target not reached), i.e. the
 region of the hyperparameter space that reaches the target.
@@ -52,16 +53,18 @@ __all__ = [
 
 NAME = "large-batch"
 #: method -> second grid axis (the first is always "lr")
-SECOND_AXIS = {"SGD": "momentum", "K-FAC": "damping"}
+SECOND_AXIS = {"SGD": "momentum", "K-FAC": "damping", "Muon": "momentum"}
 
 
 def large_batch_grids(full: bool = False) -> dict[str, dict[str, list[float]]]:
     """Hyperparameter grids per method (``lr`` × second axis)."""
     if full:
         return {"SGD": {"lr": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "momentum": [0.0, 0.5, 0.9, 0.95]},
-                "K-FAC": {"lr": [0.01, 0.03, 0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1, 1.0]}}
+                "K-FAC": {"lr": [0.01, 0.03, 0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1, 1.0]},
+                "Muon": {"lr": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "momentum": [0.0, 0.9, 0.95]}}
     return {"SGD": {"lr": [0.03, 0.1, 0.3, 1.0], "momentum": [0.0, 0.9]},
-            "K-FAC": {"lr": [0.1, 0.3, 1.0], "damping": [0.01, 0.1, 1.0]}}
+            "K-FAC": {"lr": [0.1, 0.3, 1.0], "damping": [0.01, 0.1, 1.0]},
+            "Muon": {"lr": [0.03, 0.1, 0.3, 1.0], "momentum": [0.0, 0.95]}}
 
 
 def large_batch_settings(full: bool = False) -> dict[str, Any]:
@@ -76,7 +79,8 @@ def large_batch_settings(full: bool = False) -> dict[str, Any]:
 def _methods(full: bool) -> list[Method]:
     grids = large_batch_grids(full)
     return [Method("SGD", "sgd", {}, grids["SGD"], first_order=True),
-            Method("K-FAC", "kfac", {"momentum": 0.9, "adaptive": False}, grids["K-FAC"])]
+            Method("K-FAC", "kfac", {"momentum": 0.9, "adaptive": False}, grids["K-FAC"]),
+            Method("Muon", "muon", {"adamw_lr": 3e-3}, grids["Muon"], first_order=True)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -235,23 +239,25 @@ def _claims(table: pd.DataFrame) -> list[Claim]:
             large["fraction_reached"] < small["fraction_reached"],
             f"{small['fraction_reached']:.2f} at B={small['batch_size']:g} vs "
             f"{large['fraction_reached']:.2f} at B={large['batch_size']:g}"))
-    if {"SGD", "K-FAC"} <= set(speedups):
+    both = table.pivot_table(index="batch_size", columns="method", values="best_iters",
+                             dropna=False)
+    for other, source in (("SGD", "; Ma et al."), ("Muon", "")):
+        if not {other, "K-FAC"} <= set(speedups):
+            continue
         claims.append(Claim(
-            "K-FAC does not scale better with batch size than SGD (speed-up in iterations from "
-            "the smallest to the largest batch no larger than SGD's; Ma et al.)",
-            speedups["K-FAC"] <= speedups["SGD"],
-            f"speed-up K-FAC ×{speedups['K-FAC']:.3g} vs SGD ×{speedups['SGD']:.3g}"))
-        both = table.pivot_table(index="batch_size", columns="method", values="best_iters",
-                                 dropna=False)
-        fewer = bool((both["K-FAC"].fillna(math.inf) < both["SGD"].fillna(math.inf)).all())
+            f"K-FAC does not scale better with batch size than {other} (speed-up in iterations "
+            f"from the smallest to the largest batch no larger than {other}'s{source})",
+            speedups["K-FAC"] <= speedups[other],
+            f"speed-up K-FAC ×{speedups['K-FAC']:.3g} vs {other} ×{speedups[other]:.3g}"))
+        fewer = bool((both["K-FAC"].fillna(math.inf) < both[other].fillna(math.inf)).all())
         claims.append(Claim(
-            "K-FAC needs fewer iterations than SGD at every batch size", fewer,
-            "; ".join(f"B={b:g}: K-FAC {r['K-FAC']:g} vs SGD {r['SGD']:g}"
+            f"K-FAC needs fewer iterations than {other} at every batch size", fewer,
+            "; ".join(f"B={b:g}: K-FAC {r['K-FAC']:g} vs {other} {r[other]:g}"
                       for b, r in both.iterrows())))
     return claims
 
 
-@register(NAME, title="Large-batch scaling and hyperparameter sensitivity: SGD vs K-FAC",
+@register(NAME, title="Large-batch scaling and hyperparameter sensitivity: SGD, Muon, K-FAC",
           paper="Ma et al. 2019/2020 (arXiv 1903.06237)")
 def large_batch(ctx: Context) -> Outcome:
     """Registered entry point."""
