@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# tests/ mirrors the package (tests/kfac, tests/optim, ...); the shared model cases and dense
+# oracles live at its top (tests/_cases.py, tests/_oracles.py) for every folder to import.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 from curvlab.experiments.training import single_thread
 

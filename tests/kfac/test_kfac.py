@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kfac_oracles import (
+from _kfac_helpers import (
     block,
     dense_empirical_fisher,
     dense_ggn,

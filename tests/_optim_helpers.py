@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _oracles
 import torch
 from torch import Tensor, nn
 
@@ -9,19 +10,8 @@ from curvlab.func.params import cloned_buffers
 
 
 def dense_ggn(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> Tensor:
-    """``J^T H_L J`` in curvlab flat order via ``torch.func.jacrev`` and ``torch.func.hessian``."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = cloned_buffers(model)
-
-    def f(p):
-        return torch.func.functional_call(model, (p, buffers), (x,))
-
-    out = f(params)
-    jac = torch.func.jacrev(f)(params)
-    J = torch.cat([jac[n].reshape(out.numel(), -1) for n in params], dim=1)
-    H = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
-    return J.T @ H @ J
-
+    """The shared dense GGN oracle (:mod:`_oracles`) over all parameters."""
+    return _oracles.dense_ggn(model, loss_fn, x, y, _oracles.all_names(model))
 
 def flat_grad(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> Tensor:
     """Gradient of the batch loss (buffers untouched)."""

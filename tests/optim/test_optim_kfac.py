@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from test_optim_kfac_oracles import (
+from _optim_helpers import (
     dense_ggn,
     flat_grad,
     flat_params,

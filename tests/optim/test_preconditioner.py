@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_optim_kfac_oracles import flat_params
+from _optim_helpers import flat_params
 from torch import nn
 
 from curvlab.optim.kfac import KFACOptimizer

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import _oracles
 import torch
 from torch import Tensor, nn
-
-from curvlab.func.losses import loss_rule
 
 
 def flat_params(model: nn.Module) -> tuple[list[str], list[torch.Size], Tensor]:
@@ -36,25 +35,13 @@ def output_hessian(loss_fn, out: Tensor, y: Tensor) -> Tensor:
 
 
 def dense_ggn(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> Tensor:
-    jac, out = jacobian(model, x)
-    return jac.T @ output_hessian(loss_fn, out, y) @ jac
+    """The shared dense GGN oracle (:mod:`_oracles`) over all parameters."""
+    return _oracles.dense_ggn(model, loss_fn, x, y, _oracles.all_names(model))
 
 
 def dense_empirical_fisher(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> Tensor:
-    """``w Σ_n g_n g_nᵀ`` with per-example loss gradients, ``w = 1/N`` ('mean') or 1."""
-    names, shapes, theta = flat_params(model)
-    rule = loss_rule(loss_fn)
-    grads = []
-    for n in range(x.shape[0]):
-
-        def f(t, n=n):
-            return loss_fn(_call(model, names, shapes, t, x[n : n + 1]), y[n : n + 1])
-
-        grads.append(torch.func.grad(f)(theta))
-    g = torch.stack(grads)
-    w = 1.0 / x.shape[0] if rule.reduction == "mean" else 1.0
-    return w * g.T @ g
-
+    """The shared dense empirical-Fisher oracle (:mod:`_oracles`) over all parameters."""
+    return _oracles.dense_ef(model, loss_fn, x, y, _oracles.all_names(model))
 
 def layer_index(model: nn.Module, layer) -> Tensor:
     """Flat indices of the homogeneous row-major vec of ``[W | b]`` of ``layer``."""
@@ -80,22 +67,3 @@ def block(mat: Tensor, idx_i: Tensor, idx_j: Tensor | None = None) -> Tensor:
     idx_j = idx_i if idx_j is None else idx_j
     return mat[idx_i][:, idx_j]
 
-
-def test_oracle_ggn_equals_hessian_for_linear_model_mse():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 2)).double()
-    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
-    names, shapes, theta = flat_params(net)
-    hess = torch.func.hessian(lambda t: nn.MSELoss()(_call(net, names, shapes, t, x), y))(theta)
-    torch.testing.assert_close(dense_ggn(net, nn.MSELoss(), x, y), hess, rtol=1e-10, atol=1e-12)
-
-
-def test_oracle_empirical_fisher_single_example_is_grad_outer():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 2)).double()
-    x, y = torch.randn(1, 3, dtype=torch.float64), torch.tensor([1])
-    names, shapes, theta = flat_params(net)
-    g = torch.func.grad(lambda t: nn.CrossEntropyLoss()(_call(net, names, shapes, t, x), y))(theta)
-    torch.testing.assert_close(
-        dense_empirical_fisher(net, nn.CrossEntropyLoss(), x, y), torch.outer(g, g)
-    )

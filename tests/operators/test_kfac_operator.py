@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from test_kfac_oracles import block, dense_empirical_fisher, dense_ggn, layer_index
+from _kfac_helpers import block, dense_empirical_fisher, dense_ggn, layer_index
 from torch import nn
 
 from curvlab.kfac import (

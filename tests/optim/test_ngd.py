@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_optim_kfac_oracles import dense_ggn, flat_grad, flat_params
+from _optim_helpers import dense_ggn, flat_grad, flat_params
 from torch import nn
 
 from curvlab.optim.ngd import NaturalGradient, dense_curvature
