@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import flops  # benchmarks/ is a folder of scripts, not a package
 
 # Linear(3, 4) -> tanh -> Linear(4, 2), batch 5:
