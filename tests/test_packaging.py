@@ -28,7 +28,9 @@ def pyproject_dependencies() -> set[str]:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = data["project"]
     names = {_name(r) for r in project.get("dependencies", [])}
-    for reqs in project.get("optional-dependencies", {}).values():
+    for extra, reqs in project.get("optional-dependencies", {}).items():
+        if extra == "benchmarks":  # peers for benchmarks/peers.py, installed --no-deps by
+            continue  # `make benchmarks`; not part of the development environment
         names |= {_name(r) for r in reqs}
     return names - {"curvlab"}  # self-references between extras
 
