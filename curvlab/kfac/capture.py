@@ -230,6 +230,12 @@ class FactorCapture:
             return None
         return [t for t, _ in self._outputs]
 
+    def backward_targets(self) -> list[Tensor]:
+        """What extra Fisher passes back-propagate to: :meth:`output_tensors` when usable, else
+        the (distinct) weights of the captured layers."""
+        return self.output_tensors() or list(
+            {id(la.weight_param): la.weight_param for la in self.layers}.values())
+
     def drop_output_grads(self, start: int = 0) -> None:
         """Forget the output gradients recorded from entry ``start`` on (all layers)."""
         for name in self.output_grads:

@@ -102,6 +102,15 @@ class StatisticsMixin:
                 return x, gs
             return x[:m], [g[:m] for g in gs]
 
+        def fisher_passes(name: str) -> list[Tensor]:
+            """The recorded passes carrying the Fisher statistics of layer ``name``."""
+            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
+            if self.fisher == "empirical" and grads is None:
+                return gs[:1]
+            if passes is not None:
+                return gs[-passes:] if passes else []
+            return gs
+
         def rescale(t):
             return t if m >= num_examples else t * (num_examples / m)
 
@@ -110,11 +119,7 @@ class StatisticsMixin:
             need_a, need_g = (True, True) if due is None else due.get(name, (False, False))
             if not capture.inputs[name] or not (need_a or need_g):
                 continue
-            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
-            if self.fisher == "empirical" and grads is None:
-                gs = gs[:1]
-            elif passes is not None:
-                gs = gs[-passes:] if passes else []
+            gs = fisher_passes(name)
             if not gs and need_g:
                 continue
             dtype = _factor_dtype(layer)
@@ -141,11 +146,7 @@ class StatisticsMixin:
             need = (True, True) if due is None else due.get(name, (False, False))
             if not capture.inputs[name] or not any(need):
                 continue
-            gs = grads.get(name, []) if grads is not None else capture.layer_output_grads(name)
-            if self.fisher == "empirical" and grads is None:
-                gs = gs[:1]
-            elif passes is not None:
-                gs = gs[-passes:] if passes else []
+            gs = fisher_passes(name)
             if not gs:
                 continue
             dtype = _factor_dtype(layer)

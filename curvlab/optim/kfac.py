@@ -360,9 +360,7 @@ class KFACOptimizer(AdaptiveKFACMixin, CurvatureOptimizer):
                 vectors = self.rule.sqrt_hessian(out.detach(), targets)
             # extra passes stop at the layer outputs (no weight-gradient products), unless an
             # output was modified in place
-            weights = self.capture.output_tensors() or list(
-                {id(la.weight_param): la.weight_param
-                 for la in [*self.layers, *self.norm_layers]}.values())
+            weights = self.capture.backward_targets()
             for j, vec in enumerate(vectors):
                 torch.autograd.grad(out, weights, vec.to(out.dtype),
                                     retain_graph=j < len(vectors) - 1, allow_unused=True)

@@ -249,9 +249,7 @@ class KFACPreconditioner:
         before = {n: len(g) for n, g in self.capture.output_grads.items()}
         vectors = self.rule.sample_grads(output.detach(), self.mc_samples, self.generator,
                                          target=targets)
-        weights = self.capture.output_tensors() or list(
-            {id(la.weight_param): la.weight_param
-             for la in [*self.layers, *self.norm_layers]}.values())
+        weights = self.capture.backward_targets()
         for vec in vectors:
             torch.autograd.grad(output, weights, vec.to(output.dtype), retain_graph=True,
                                 allow_unused=True)
