@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.experiments.harness.muon import MuonAdamW
 from curvlab.kfac import AdaptiveRefresh
 from curvlab.optim import KFACOptimizer
 from curvlab.optim.preconditioner import KFACPreconditioner
@@ -64,12 +65,9 @@ class Extra:
 
 def _muon(hp):
     def factory(model, loss_fn):
-        mats = [p for p in model.parameters() if p.ndim == 2]
-        rest = [p for p in model.parameters() if p.ndim != 2]
-        opts = [torch.optim.Muon(mats, lr=hp["lr"], momentum=0.95)]
-        if rest:
-            opts.append(torch.optim.AdamW(rest, lr=hp["adamw_lr"], weight_decay=0.0))
-        return Stepper(model, loss_fn, opts)
+        mats = [p for p in model.parameters() if p.ndim == 2]  # filters stay on AdamW
+        return Stepper(model, loss_fn, [MuonAdamW(model.parameters(), lr=hp["lr"],
+                                                  muon_params=mats, adamw_lr=hp["adamw_lr"])])
     return factory
 
 

@@ -103,9 +103,24 @@ def test_resume_is_bit_exact_and_schedulers_scale_both_learning_rates():
             opt.optimizer.state_dict())
 
 
+def test_muon_params_choose_the_matrices_and_the_rest_goes_to_adamw():
+    net = _net()
+    linear = [p for p in net.parameters() if p.ndim == 2]  # the conv filter stays on AdamW
+    opt = MuonAdamW(net.parameters(), lr=0.05, muon_params=linear, adamw_lr=3e-3)
+    assert [tuple(p.shape) for p in opt.muon.param_groups[0]["params"]] == [(4, 12), (2, 4)]
+    assert [tuple(p.shape) for p in opt.adamw.param_groups[0]["params"]] == [
+        (3, 2, 3, 3), (3,), (3,), (3,), (4,)]
+    assert opt._views == []
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="not parameter groups"):
         MuonAdamW([{"params": list(nn.Linear(2, 2).parameters())}])
+    net = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="muon_params must have ndim >= 2"):
+        MuonAdamW(net.parameters(), muon_params=[net.bias])
+    with pytest.raises(ValueError, match="subset of params"):
+        MuonAdamW([net.weight], muon_params=[nn.Linear(2, 2).weight])
     with pytest.raises(ValueError, match="empty parameter list"):
         MuonAdamW([])
 

@@ -33,6 +33,9 @@ class MuonAdamW(torch.optim.Optimizer):
         weight_decay: Decoupled weight decay of both parts (default 0).
         adamw_lr: AdamW's learning rate (default 1e-3).
         adamw_betas: AdamW's betas (default (0.9, 0.999)).
+        muon_params: The parameters Muon updates (default: every one with ``ndim >= 2``);
+            all others of ``params`` go to AdamW. A transformer, say, keeps its embedding and
+            output head on AdamW by passing only the blocks' matrices here.
 
     ``param_groups`` is Muon's group (if any matrices) followed by AdamW's (if any other
     parameters), the inner optimizers' own dicts, so schedulers scale both learning rates.
@@ -67,12 +70,24 @@ class MuonAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         adamw_lr: float = 1e-3,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
+        muon_params: Iterable[Tensor] | None = None,
     ) -> None:
         params = list(params)
         if any(isinstance(p, dict) for p in params):
             raise TypeError("MuonAdamW: params must be tensors, not parameter groups")
-        matrices = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
+        if muon_params is None:
+            chosen = {id(p) for p in params if p.ndim >= 2}
+        else:
+            chosen = {id(p) for p in muon_params}
+            known = {id(p) for p in params}
+            if not chosen <= known:
+                raise ValueError("MuonAdamW: muon_params must be a subset of params")
+            small = [tuple(p.shape) for p in params if id(p) in chosen and p.ndim < 2]
+            if small:
+                raise ValueError(f"MuonAdamW: muon_params must have ndim >= 2, got shapes "
+                                 f"{small}")
+        matrices = [p for p in params if id(p) in chosen]
+        rest = [p for p in params if id(p) not in chosen]
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                     "adamw_lr": adamw_lr}
         super().__init__([{"params": ps} for ps in (matrices, rest) if ps], defaults)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 import curvlab
 from curvlab.data import Dataset
+from curvlab.experiments.harness.muon import MuonAdamW
 from curvlab.linalg import hutchinson_diagonal, hutchinson_trace, lanczos
 from curvlab.problems.transformer import block_of
 
@@ -154,12 +155,13 @@ def build_stepper(kind: str, model: nn.Module, loss_fn: Callable, hp: Mapping[st
         return _TorchStepper(model, loss_fn, [torch.optim.SGD(
             model.parameters(), lr=hp["lr"], momentum=hp.get("momentum", 0.0))])
     if kind == "muon":
-        named = list(model.named_parameters())
-        hidden = [p for n, p in named if p.ndim == 2 and n.startswith("blocks.")]
-        rest = [p for n, p in named if not (p.ndim == 2 and n.startswith("blocks."))]
-        muon = torch.optim.Muon(hidden, lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0),
-                                momentum=hp.get("momentum", 0.95))
-        return _TorchStepper(model, loss_fn, [muon, _adamw(rest, hp, hp["adamw_lr"])])
+        hidden = [p for n, p in model.named_parameters()
+                  if p.ndim == 2 and n.startswith("blocks.")]
+        opt = MuonAdamW(model.parameters(), lr=hp["lr"], muon_params=hidden,
+                        momentum=hp.get("momentum", 0.95),
+                        weight_decay=hp.get("weight_decay", 0.0), adamw_lr=hp["adamw_lr"],
+                        adamw_betas=(hp.get("beta1", 0.9), hp.get("beta2", 0.95)))
+        return _TorchStepper(model, loss_fn, [opt])
     if kind in ("kfac-adamw", "kfac-sgd"):
         pre = curvlab.KFACPreconditioner(
             model, loss_fn, damping=hp["damping"], fisher=hp.get("fisher", "empirical"),
