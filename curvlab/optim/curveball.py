@@ -48,6 +48,17 @@ Choices where the references disagree (see ``papers/curveball.md``):
 * λ adaptation applies to every loss (MATLAB restricts it to ``'logistic'``); turn it off with
   ``auto_lambda=False`` (the toy-problem configurations do);
 * a non-finite loss, ``Δz``, ``A`` or ``b`` skips the step (MATLAB zeroes non-finite ρ/β);
+* ``damping_units="loss"`` (default, as the references): λ is added to the curvature of the loss
+  *as reduced*. The references' losses are batch means of per-example sums, so ``λ = 1`` there
+  corresponds to ``λ = 1/D`` on a loss that also averages over ``D`` outputs per example
+  (``nn.BCEWithLogitsLoss()``, ``nn.MSELoss()``). There the default over-damps by ``D``:
+  ``Ĥ ≈ λI`` along ``z``, CurveBall degenerates to heavy-ball gradient descent with step ≈ 1/λ,
+  and the λ rule, which moves λ by at most 0.5% every 5 steps, needs thousands of steps to
+  correct it (``papers/deep_autoencoder.md``, "Why CurveBall stalls"). ``damping_units="example"``
+  is the remedy: ``damping`` is then per example, i.e. the λ added to the curvature is
+  ``damping · B / num_loss_terms`` for ``'mean'`` and ``damping · B`` for ``'sum'`` (B = batch
+  size), the reference's scale whatever the loss reduction (a factor 1 for a batch-mean
+  cross-entropy without spatial dimensions);
 * ``(β, −ρ)`` from ``pinv`` (PyTorch port) rather than MATLAB's ``A \\ b``.
 """
 
@@ -126,6 +137,12 @@ class CurveBall(CurvatureOptimizer):
         auto_lambda: Adapt ``λ`` by the ratio test every ``lambda_interval`` steps.
         lambda_interval, lambda_factor, lambda_thresholds: ``T``, ``ω₁`` and ``(θ_low, θ_high)``.
         weight_decay: ``η`` of the ℓ2 term ``(η/2)‖w‖²`` (gradient ``ηw``, curvature ``ηI``).
+        damping_units: ``"loss"`` (default, reference behaviour): ``damping`` is λ for the loss
+            as reduced. ``"example"``: ``damping`` is per example (the references' batch-mean of
+            per-example sums); the λ used is ``damping · B / num_loss_terms`` for a ``'mean'``
+            loss, ``damping · B`` for ``'sum'`` (e.g. ``damping / D`` for a pixel-averaged
+            ``BCEWithLogitsLoss`` on ``D`` outputs). Needs an ``nn.Module`` loss with
+            ``reduction`` ``'mean'`` or ``'sum'``. λ adaptation acts on ``damping`` either way.
         params: Parameter selection (see :func:`curvlab.func.select_params`); default all
             trainable parameters.
         engine: Linearization engine passed to :func:`curvlab.func.linearize`.
@@ -165,6 +182,7 @@ class CurveBall(CurvatureOptimizer):
         lambda_factor: float = 0.999,
         lambda_thresholds: tuple[float, float] = (0.5, 1.5),
         weight_decay: float = 0.0,
+        damping_units: str = "loss",
         params: ParamsArg = None,
         engine: str = "auto",
         **deprecated: Any,
@@ -180,6 +198,12 @@ class CurveBall(CurvatureOptimizer):
         }
         super().__init__(model, loss_fn, params, defaults)
         self.rule = loss_rule(loss_fn)
+        if damping_units not in ("loss", "example"):
+            raise ValueError(f"damping_units must be 'loss' or 'example', got {damping_units!r}")
+        if damping_units == "example" and self.rule.reduction not in ("mean", "sum"):
+            raise ValueError("damping_units='example' needs an nn.Module loss with reduction "
+                             f"'mean' or 'sum'; {self.rule.name} has {self.rule.reduction!r}")
+        self.damping_units = damping_units
         if not isinstance(auto_lambda, bool):
             raise TypeError(f"auto_lambda must be a bool, got {type(auto_lambda).__name__}")
         self.auto_lambda = auto_lambda
@@ -266,12 +290,22 @@ class CurveBall(CurvatureOptimizer):
         # beta fixed: A22 (−ρ) = b2 − A12 β
         return (-(b2 - a12 * beta_fixed) / a22 if a22 > 0 else 0.0), beta_fixed
 
-    def _products(self, G: LocalGGN, weights: list[Tensor], count: bool
+    def effective_damping(self, output: Tensor, targets: Tensor | None = None) -> float:
+        """The λ added to the loss curvature for a batch ``output`` (``damping_units``)."""
+        lam = self.hyper("damping")
+        if self.damping_units == "loss":
+            return lam
+        batch = self.rule.num_examples(output)
+        if self.rule.reduction == "sum":
+            return lam * batch
+        return lam * batch / self.rule.num_loss_terms(output, targets)
+
+    def _products(self, G: LocalGGN, weights: list[Tensor], count: bool, targets: Tensor
                   ) -> tuple[list[Tensor], Tensor]:
         """``Δz`` and the float64 CPU vector ``(A11, A12, A22, b1, b2)`` at ``G``'s point."""
         out = G.output
         wd = self.hyper("weight_decay")
-        mu = self.hyper("damping") + wd
+        mu = self.effective_damping(out, targets) + wd
         z = self.velocity
         z_is_zero = not bool(torch.stack([t.any() for t in z]).any())
         if z_is_zero:
@@ -317,7 +351,7 @@ class CurveBall(CurvatureOptimizer):
         """
         G, targets = self._local_ggn(inputs, targets, update_buffers=False)
         weights = [p.detach() for p in self.params.values()]
-        dz, vals = self._products(G, weights, count=False)
+        dz, vals = self._products(G, weights, count=False, targets=targets)
         a11, a12, a22, b1, b2 = vals.tolist()
         return {
             "loss": G.loss,
@@ -368,7 +402,7 @@ class CurveBall(CurvatureOptimizer):
         self.counters["forward"] += 1
         out = G.output
         loss = G.loss
-        dz, vals = self._products(G, weights, count=True)
+        dz, vals = self._products(G, weights, count=True, targets=targets)
         if not (math.isfinite(float(loss)) and bool(torch.isfinite(vals).all())):
             raise SkipStep("loss or curvature (loss, Δz, A or b)", loss)
         a11, a12, a22, b1, b2 = (float(t) for t in vals)
@@ -428,7 +462,7 @@ class CurveBall(CurvatureOptimizer):
         return (
             f"CurveBall(lr={g['lr']}, damping={g['damping']}, momentum={g['momentum']}, "
             f"beta={g['beta']}, auto_lambda={self.auto_lambda}, "
-            f"weight_decay={g['weight_decay']})"
+            f"weight_decay={g['weight_decay']}, damping_units={self.damping_units!r})"
         )
 
 

@@ -33,6 +33,10 @@ def test_autoencoder_methods_scale_with_input_dim():
     assert {m.label for m in ae.autoencoder_methods(64) if m.first_order} == {
         "SGD-momentum", "Adam", "Muon"}
     assert methods["Muon"].optimizer == "muon" and methods["Muon"].tuned
+    # CurveBall twice: the reference's default, and λ per example (λ = 1/D on this loss)
+    assert "damping_units" not in methods["CurveBall"].fixed
+    remedy = methods[ae.CURVEBALL_PER_EXAMPLE]
+    assert remedy.fixed["damping_units"] == "example" and not remedy.tuned
 
 
 def test_autoencoder_quick_problems(ctx):

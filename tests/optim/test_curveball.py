@@ -57,14 +57,17 @@ def _dense(model: nn.Module, loss_fn, x, y, wd: float = 0.0):
     return g, G, w0
 
 
-@pytest.mark.parametrize("which", ["mlp", "cnn_bn"])
+@pytest.mark.parametrize("which", ["mlp", "mlp_bce", "cnn_bn"])
 @pytest.mark.parametrize("wd", [0.0, 0.3])
 def test_delta_z_matches_dense(which, wd):
-    model = _mlp() if which == "mlp" else _cnn_bn()
+    model = _cnn_bn() if which == "cnn_bn" else _mlp()
     torch.manual_seed(2)
     if which == "mlp":
         x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 3, (5,))
         loss_fn = nn.CrossEntropyLoss()
+    elif which == "mlp_bce":  # the auto-encoder study's loss: mean over examples AND outputs
+        x, y = torch.randn(5, 3, dtype=DT), torch.rand(5, 3, dtype=DT)
+        loss_fn = nn.BCEWithLogitsLoss()
     else:
         x, y = torch.randn(4, 1, 4, 4, dtype=DT), torch.randn(4, 3, dtype=DT)
         loss_fn = nn.MSELoss()
@@ -141,6 +144,76 @@ def test_first_step_is_cauchy_step():
     assert math.isclose(opt.diagnostics["beta"], float(g @ g / (g @ H @ g)), rel_tol=1e-8)
     w1 = flatten([p.detach() for p in model.parameters()])
     torch.testing.assert_close(w1, w0 - opt.diagnostics["beta"] * g, rtol=1e-8, atol=1e-12)
+
+
+def test_two_by_two_solve_by_hand_on_one_weight():
+    """y = w x, MSE 'sum' on one example: G = 2x², everything is a scalar and hand-checkable."""
+    w = nn.Linear(1, 1, bias=False).to(DT)
+    with torch.no_grad():
+        w.weight.fill_(0.5)
+    x, y = torch.tensor([[2.0]], dtype=DT), torch.tensor([[3.0]], dtype=DT)
+    lam = 0.25
+    opt = CurveBall(w, nn.MSELoss(reduction="sum"), damping=lam, auto_lambda=False)
+    z0 = 0.1
+    opt._set_velocity([torch.tensor([[z0]], dtype=DT)])
+    g = 2 * (0.5 * 2 - 3) * 2  # dL/dw = 2 (w x - y) x = -8
+    h = 2 * 2.0**2 + lam  # Ĥ = 2x² + λ = 8.25
+    dz = h * z0 + g
+    A = torch.tensor([[dz * h * dz, z0 * h * dz], [z0 * h * dz, z0 * h * z0]], dtype=DT)
+    b = torch.tensor([g * dz, g * z0], dtype=DT)
+    q = opt.quadratic_model(x, y)
+    torch.testing.assert_close(q["A"], A, rtol=1e-12, atol=0)
+    torch.testing.assert_close(q["b"], b, rtol=1e-12, atol=0)
+    opt.step(x, y)
+    # A is singular in 1-D (z ∥ Δz): the minimum-norm solution lands on the Newton step
+    # s = ρ z0 − β dz = −g/ĥ, and predicted change −g²/(2ĥ)
+    s = opt.diagnostics["rho"] * z0 - opt.diagnostics["beta"] * dz
+    assert math.isclose(s, -g / h, rel_tol=1e-10)
+    assert math.isclose(float(opt.velocity[0]), -g / h, rel_tol=1e-10)
+    assert math.isclose(float(w.weight.detach()), 0.5 - g / h, rel_tol=1e-12)
+    assert math.isclose(opt.diagnostics["predicted_change"], -g * g / (2 * h), rel_tol=1e-10)
+
+
+def test_default_damping_is_the_reference_one():
+    opt = CurveBall(_mlp(), nn.BCEWithLogitsLoss())
+    assert opt.hyper("damping") == 1.0 and opt.damping_units == "loss"
+    assert opt.effective_damping(torch.zeros(7, 3, dtype=DT)) == 1.0
+
+
+@pytest.mark.parametrize("loss_fn, shape, factor", [
+    (nn.BCEWithLogitsLoss(), (6, 3), 1 / 3),   # mean over 6·3 terms: λ/D
+    (nn.MSELoss(), (6, 3), 1 / 3),
+    (nn.MSELoss(reduction="sum"), (6, 3), 6.0),  # sum over examples: λ·B
+    (nn.CrossEntropyLoss(), (6, 3), 1.0),      # batch mean: the reference's own convention
+])
+def test_damping_per_example_is_loss_damping_rescaled(loss_fn, shape, factor):
+    """``damping_units='example'`` = ``'loss'`` with λ·factor: identical trajectories."""
+    torch.manual_seed(14)
+    x = torch.randn(shape[0], 3, dtype=DT)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        y = torch.randint(0, 3, (shape[0],))
+    else:
+        y = torch.rand(shape, dtype=DT)
+    model_a, model_b = _mlp(), _mlp()
+    opt_a = CurveBall(model_a, loss_fn, damping=0.6, damping_units="example",
+                      lambda_interval=2)
+    opt_b = CurveBall(model_b, loss_fn, damping=0.6 * factor, lambda_interval=2)
+    assert math.isclose(opt_a.effective_damping(model_a(x), y), 0.6 * factor)
+    for _ in range(6):
+        opt_a.step(x, y)
+        opt_b.step(x, y)
+        # the λ rule moves the stored damping by the same factors in both units
+        assert math.isclose(opt_a.hyper("damping") * factor, opt_b.hyper("damping"),
+                            rel_tol=1e-12)
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_damping_units_errors():
+    with pytest.raises(ValueError, match="damping_units"):
+        CurveBall(_mlp(), nn.MSELoss(), damping_units="pixel")
+    with pytest.raises(ValueError, match="damping_units='example'"):
+        CurveBall(_mlp(), lambda out, y: (out - y).pow(2).sum(), damping_units="example")
 
 
 def test_zero_curvature_is_heavy_ball():

@@ -50,6 +50,7 @@ from curvlab.problems import autoencoder
 
 __all__ = [
     "AUTOENCODER_PROBLEMS",
+    "CURVEBALL_PER_EXAMPLE",
     "NAME",
     "autoencoder_methods",
     "autoencoder_problem",
@@ -69,6 +70,8 @@ QUICK_CURVES_SIZE = 14
 QUICK_ITERATIONS = {"digits": 120, "curves": 200}
 PAPER_L2 = 1e-5
 PAPER_LAMBDA0 = 150.0
+#: label of the CurveBall row with λ per example (``damping_units="example"``, λ = 1/D here)
+CURVEBALL_PER_EXAMPLE = "CurveBall (λ per example)"
 
 
 def autoencoder_methods(input_dim: int, *, full: bool = False) -> list[Method]:
@@ -78,7 +81,10 @@ def autoencoder_methods(input_dim: int, *, full: bool = False) -> list[Method]:
     with automatic α, μ (untuned); block-diagonal K-FAC with fixed lr and momentum 0.9,
     SGD-momentum, Adam and Muon (``torch.optim.Muon`` on the weight matrices, AdamW at lr 3e-3
     on the biases) are tuned on small grids; CurveBall and Hessian-free run with their
-    defaults (untuned).
+    defaults (untuned). CurveBall's default λ = 1 is in the units of the loss as reduced, i.e.
+    64× (D×) the reference's per-example damping on this pixel-averaged loss, which keeps it on
+    the plateau; the extra row :data:`CURVEBALL_PER_EXAMPLE` (``damping_units="example"``, λ =
+    1/D, the same 1/D translation as K-FAC's λ₀ and the ℓ2 term) is the remedy, also untuned.
     """
     wd = PAPER_L2 / input_dim
     lam0 = PAPER_LAMBDA0 / input_dim
@@ -96,6 +102,8 @@ def autoencoder_methods(input_dim: int, *, full: bool = False) -> list[Method]:
         kfac_grid))
     methods += [
         Method("CurveBall", "curveball", {"weight_decay": wd}),
+        Method(CURVEBALL_PER_EXAMPLE, "curveball", {"weight_decay": wd,
+                                                    "damping_units": "example"}),
         Method("Hessian-free", "hessian-free",
                {"weight_decay": wd, "max_cg_iters": 50 if full else 8}),
         Method("SGD-momentum", "sgd", {"momentum": 0.9, "weight_decay": wd}, {"lr": lr_sgd},
