@@ -220,11 +220,26 @@ class KroneckerBlock:
         self.scaling_updates = max(self.scaling_updates, 1)
 
     # ---- inverses ------------------------------------------------------------------------
-    def refresh(self) -> bool:
+    def eigh_inputs(self) -> tuple[tuple[Tensor, str], tuple[Tensor, str]] | None:
+        """``((A, name), (G, name))``: the dense factors :meth:`refresh` would eigendecompose.
+
+        ``None`` when the refresh decomposes nothing a caller could batch with other blocks' (no
+        factors yet, ``inverse='cholesky'``, or split factors, which :func:`split_eigh` batches
+        itself). The names are those of the warnings a failure raises.
+        """
+        if self.A is None or self.inverse == "cholesky" or isinstance(self.A, SplitMatrix) \
+                or isinstance(self.G, SplitMatrix):
+            return None
+        return (self.A, f"A of {self.name!r}"), (self.G, f"G of {self.name!r}")
+
+    def refresh(self, decomposed: tuple[Any, Any] | None = None) -> bool:
         """Eigendecompose the current factors; on failure warn and keep the last good ones.
 
         With ``ekfac=True`` a new basis restarts the scalings from ``d_G d_Aᵀ``. Returns whether
-        the decomposition was replaced.
+        the decomposition was replaced. ``decomposed``: the results of
+        :func:`~curvlab.kfac.inverse.safe_eigh_many` for :meth:`eigh_inputs` (``(d, U)`` or an
+        :class:`~curvlab.kfac.inverse.EighError` each), computed by the engine in one batch
+        with other blocks' factors of the same size; ``None`` decomposes here.
         """
         if self.A is None:
             return False
@@ -245,8 +260,14 @@ class KroneckerBlock:
                 safe_eigh(X, name=name)
 
         try:
-            d_a, u_a = eigh(self.A, "A")
-            d_g, u_g = eigh(self.G, "G")
+            if decomposed is None:
+                d_a, u_a = eigh(self.A, "A")
+                d_g, u_g = eigh(self.G, "G")
+            else:
+                for part in decomposed:
+                    if isinstance(part, EighError):
+                        raise part
+                (d_a, u_a), (d_g, u_g) = decomposed
         except EighError as err:
             warnings.warn(f"K-FAC: {err}; keeping the previous inverse", RuntimeWarning,
                           stacklevel=3)

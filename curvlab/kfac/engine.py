@@ -35,6 +35,7 @@ from curvlab.kfac.factors import (
     KFAC_APPROX,
     KroneckerFactors,
 )
+from curvlab.kfac.inverse import safe_eigh_many
 from curvlab.kfac.layers import KFACLayer, LayerTable
 from curvlab.kfac.refresh import FixedRefresh, RefreshPolicy
 from curvlab.kfac.registration import register_layers
@@ -227,15 +228,11 @@ class KroneckerEngine(StatisticsMixin, ChainMixin):
             done = self.refresh()
             names = list(self.blocks) if done else []
         else:
-            names = []
-            for name, block in self.blocks.items():
-                if not block.has_factors or not (block.stale or block.eig is None):
-                    continue
-                if not self.policy.inverse_due(step, name, block.factors(),
-                                               name in self._updated):
-                    continue
-                if block.refresh():
-                    names.append(name)
+            due = [name for name, block in self.blocks.items()
+                   if block.has_factors and (block.stale or block.eig is None)
+                   and self.policy.inverse_due(step, name, block.factors(),
+                                               name in self._updated)]
+            names = self._refresh_blocks(due)
             done = len(names)
         for name in names:
             b = self.blocks[name]
@@ -288,14 +285,20 @@ class KroneckerEngine(StatisticsMixin, ChainMixin):
                 [self.cross[i][0].clone() for i in range(len(self.layers) - 1)],
                 [self.cross[i][1].clone() for i in range(len(self.layers) - 1)])
         todo = list(self.blocks) if names is None else list(names)
-        done = 0
-        for name in todo:
-            block = self.blocks[name]
-            if not block.has_factors:
-                continue
-            if names is None and not (block.stale or block.eig is None):
-                continue
-            done += bool(block.refresh())
+        return len(self._refresh_blocks([n for n in todo if self.blocks[n].has_factors and (
+            names is not None or self.blocks[n].stale or self.blocks[n].eig is None)]))
+
+    def _refresh_blocks(self, names: Sequence[str]) -> list[str]:
+        """Refresh the named blocks, the same-size dense factors of all of them in one batched
+        ``eigh`` per size; return the names whose decomposition was replaced."""
+        blocks = [self.blocks[n] for n in names]
+        inputs = [getattr(b, "eigh_inputs", lambda: None)() for b in blocks]  # unit-wise: None
+        flat = [pair for v in inputs if v is not None for pair in v]
+        results = iter(safe_eigh_many([m for m, _ in flat], [nm for _, nm in flat]))
+        done = []
+        for name, block, inp in zip(names, blocks, inputs, strict=True):
+            if block.refresh() if inp is None else block.refresh((next(results), next(results))):
+                done.append(name)
         return done
 
     def multiply(self, mats: Mapping[str, Tensor], power: int = -1, damping: float = 0.0, *,

@@ -201,3 +201,70 @@ def test_stats_fraction_equals_the_factors_of_the_subset(fisher):
     for bad in (0.0, 1.5, True):
         with pytest.raises(ValueError, match="stats_fraction"):
             KFACOptimizer(net, loss_fn, damping=0.1, stats_fraction=bad)
+
+
+# ---- batched eigendecompositions over same-size factors ----------------------------------------
+def test_safe_eigh_many_equals_one_by_one_and_falls_back_per_matrix():
+    from curvlab.kfac.inverse import EighError, safe_eigh, safe_eigh_many
+
+    g = torch.Generator().manual_seed(0)
+    mats = [(lambda x: x @ x.T)(torch.randn(6, 9, generator=g, dtype=torch.float64))
+            for _ in range(3)] + [torch.eye(4, dtype=torch.float64)]
+    for m, (d, u) in zip(mats, safe_eigh_many(mats, list("abcd")), strict=True):
+        d1, u1 = safe_eigh(m)
+        assert torch.equal(d, d1) and torch.equal(u, u1)
+        assert u.stride() == u1.stride() and u.untyped_storage().size() == u1.untyped_storage(
+        ).size()  # own storage, not a view of the stack
+    bad = [mats[0], torch.full((6, 6), float("nan"), dtype=torch.float64), mats[1]]
+    out = safe_eigh_many(bad, ["ok0", "A of 'fc'", "ok1"])
+    assert isinstance(out[1], EighError) and "A of 'fc'" in str(out[1])
+    assert torch.equal(out[0][0], safe_eigh(mats[0])[0])  # the others still decomposed
+    with pytest.raises(ValueError, match="2 matrices but 1 names"):
+        safe_eigh_many(mats[:2], ["a"])
+
+
+def _random_factors(eng, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for la in eng.layers:
+        a, b = (torch.randn(n, 2 * n, generator=g) for n in (la.in_dim, la.out_dim))
+        eng.blocks[la.name].set_factors(a @ a.T, b @ b.T)
+
+
+def test_refresh_batches_same_size_factors_in_one_eigh_and_matches_per_block(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
+    eng = KroneckerEngine(find_layers(net), fisher="empirical")
+    _random_factors(eng)
+    calls = []
+    real = torch.linalg.eigh
+
+    def counting(m, *a, **k):
+        calls.append(tuple(m.shape))
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting)
+    assert eng.refresh() == 3
+    # A: three 8x8 (weights + bias column); G: two 7x7 and one 3x3 -> three calls, not six
+    assert sorted(calls) == [(2, 7, 7), (3, 3), (3, 8, 8)]
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    for name, block in eng.blocks.items():
+        (a, _), (g_, _) = block.eigh_inputs()
+        from curvlab.kfac.inverse import safe_eigh
+
+        assert torch.equal(block.eig.eigenvectors_A, safe_eigh(a)[1]), name
+        assert torch.equal(block.eig.eigenvalues_G, safe_eigh(g_)[0]), name
+
+
+def test_refresh_with_one_nonfinite_factor_keeps_that_blocks_inverse_only():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+    eng = KroneckerEngine(find_layers(net), fisher="empirical")
+    _random_factors(eng)
+    assert eng.refresh() == 2
+    kept = eng.blocks["0"].eig
+    for block in eng.blocks.values():  # new statistics averaged in (set_factors would reset)
+        block.update(2 * block.A, 3 * block.G)
+    eng.blocks["0"].A[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="A of '0' has non-finite entries"):
+        assert eng.refresh() == 1
+    assert eng.blocks["0"].eig is kept
