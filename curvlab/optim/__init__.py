@@ -8,12 +8,13 @@ does the whole step and returns the mini-batch loss before the update (0-dim, de
 
 from curvlab.optim.base import CurvatureOptimizer, SkipStep
 from curvlab.optim.baselines import TorchOptimizer
-from curvlab.optim.curveball import CurveBall, ResidualModel
+from curvlab.optim.curveball import CurveBall
 from curvlab.optim.dense import DenseBFGS, DenseLevenbergMarquardt
 from curvlab.optim.hessian_free import HessianFree
 from curvlab.optim.kfac import KFACOptimizer
 from curvlab.optim.ngd import NaturalGradient
 from curvlab.optim.preconditioner import KFACPreconditioner
+from curvlab.optim.residual import ResidualModel
 
 __all__ = [
     "CurvatureOptimizer",

@@ -77,48 +77,9 @@ from curvlab.operators.local import LocalGGN
 from curvlab.optim._common import check_hyper, dot64, evaluate_output, is_finite, rng_state
 from curvlab.optim._compat import deprecated_alias, renamed_kwargs
 from curvlab.optim.base import CurvatureOptimizer, SkipStep
+from curvlab.optim.residual import ResidualModel  # re-exported: its old home
 
 __all__ = ["CurveBall", "ResidualModel"]
-
-
-class ResidualModel(nn.Module):
-    r"""Wrap ``residual_fn(params, inputs) -> r`` as a module whose output is ``r`` as ``(1, m)``.
-
-    With ``nn.MSELoss(reduction="sum")`` against zero targets the loss is
-    :math:`f = \lVert r\rVert^2` (no ½) and :math:`H_L = 2I`, the least-squares form CurveBall
-    uses for Rosenbrock. The given tensors are wrapped as ``nn.Parameter`` sharing storage, so
-    in-place updates are visible to the caller. ``inputs`` carries per-step data such as the
-    noise ``ε`` (drawn once per step by the caller and reused within the step).
-
-    Example:
-        >>> def res(p, eps):
-        ...     u, v = p[0]
-        ...     return torch.stack([1 - u, 10 * (v - u**2)])
-        >>> m = ResidualModel(res, [torch.tensor([0.0, 0.0])])
-        >>> m(None)
-        tensor([[1., 0.]], grad_fn=<...>)
-    """
-
-    def __init__(self, residual_fn: Callable[[list[Tensor], Any], Tensor],
-                 params: Sequence[Tensor]) -> None:
-        super().__init__()
-        if not callable(residual_fn):
-            raise TypeError(f"residual_fn must be callable, got {type(residual_fn).__name__}")
-        if isinstance(params, Tensor) or not isinstance(params, Sequence) or not params:
-            raise TypeError("params must be a non-empty list/tuple of tensors")
-        for i, p in enumerate(params):
-            if not isinstance(p, Tensor) or not p.is_floating_point():
-                raise TypeError(f"params[{i}] must be a floating-point tensor")
-        self.residual_fn = residual_fn
-        self.params = nn.ParameterList(
-            [p if isinstance(p, nn.Parameter) else nn.Parameter(p) for p in params]
-        )
-
-    def forward(self, inputs: Any) -> Tensor:
-        r = self.residual_fn(list(self.params), inputs)
-        if not isinstance(r, Tensor):
-            raise TypeError(f"residual_fn must return a tensor, got {type(r).__name__}")
-        return r.reshape(1, -1)
 
 
 class CurveBall(CurvatureOptimizer):
