@@ -292,12 +292,13 @@ class KroneckerEngine(StatisticsMixin, ChainMixin):
         """Refresh the named blocks, the same-size dense factors of all of them in one batched
         ``eigh`` per size; return the names whose decomposition was replaced."""
         blocks = [self.blocks[n] for n in names]
-        inputs = [getattr(b, "eigh_inputs", lambda: None)() for b in blocks]  # unit-wise: None
+        inputs = [b.eigh_inputs() for b in blocks]
         flat = [pair for v in inputs if v is not None for pair in v]
         results = iter(safe_eigh_many([m for m, _ in flat], [nm for _, nm in flat]))
         done = []
         for name, block, inp in zip(names, blocks, inputs, strict=True):
-            if block.refresh() if inp is None else block.refresh((next(results), next(results))):
+            ok = block.refresh() if inp is None else block.refresh((next(results), next(results)))
+            if ok:
                 done.append(name)
         return done
 

@@ -31,12 +31,13 @@ class EighError(RuntimeError):
     """An eigendecomposition failed (non-finite input, or no convergence even in float64)."""
 
 
-def safe_eigh(m: Tensor, *, name: str = "matrix") -> tuple[Tensor, Tensor]:
+def safe_eigh(m: Tensor, *, name: str = "matrix", retry_float64: bool = True
+              ) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition ``(eigenvalues ≥ 0, eigenvectors)`` of a symmetric PSD matrix.
 
     Symmetrizes ``(M + Mᵀ)/2``, raises :class:`EighError` for non-finite entries, retries a
-    failed ``torch.linalg.eigh`` in float64, clamps eigenvalues at 0, returns ``M``'s dtype.
-    Batched inputs ``(..., n, n)`` are accepted.
+    failed ``torch.linalg.eigh`` in float64 (unless ``retry_float64=False``), clamps eigenvalues
+    at 0, returns ``M``'s dtype. Batched inputs ``(..., n, n)`` are accepted.
 
     Example:
         >>> d, u = safe_eigh(torch.tensor([[2.0, 0.0], [0.0, -1e-9]]))
@@ -55,8 +56,9 @@ def safe_eigh(m: Tensor, *, name: str = "matrix") -> tuple[Tensor, Tensor]:
     try:
         d, u = torch.linalg.eigh(sym)
     except RuntimeError as first:
-        if sym.dtype == torch.float64:
-            raise EighError(f"{name}: eigh failed in float64: {first}") from first
+        if sym.dtype == torch.float64 or not retry_float64:
+            what = str(sym.dtype).removeprefix("torch.")
+            raise EighError(f"{name}: eigh failed in {what}: {first}") from first
         try:
             d, u = torch.linalg.eigh(sym.double())
         except RuntimeError as err:
@@ -94,16 +96,10 @@ def safe_eigh_many(mats: list[Tensor], names: list[str]
     for idx in groups.values():
         if len(idx) < 2:
             continue
-        stack = torch.stack([mats[i] for i in idx])
-        if not bool(torch.isfinite(stack).all()):
+        try:  # no float64 retry of the whole stack: that is per matrix, below
+            d, u = safe_eigh(torch.stack([mats[i] for i in idx]), retry_float64=False)
+        except EighError:
             continue
-        try:
-            d, u = torch.linalg.eigh((stack + stack.transpose(-1, -2)) / 2)
-        except RuntimeError:
-            continue
-        if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(u).all())):
-            continue
-        d = d.clamp_min(0)
         for k, i in enumerate(idx):  # own storage each (a view would save the whole stack)
             out[i] = (d[k].clone(), u[k].clone())
     for i, m in enumerate(mats):

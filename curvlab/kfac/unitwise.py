@@ -206,6 +206,10 @@ class UnitWiseBlock:
         self.updates = max(self.updates, 1)
         self.stale = True
 
+    def eigh_inputs(self) -> None:
+        """Nothing to eigendecompose (the 2×2 unit blocks are inverted directly)."""
+        return None
+
     def refresh(self) -> bool:
         if self.F is None or not bool(torch.isfinite(self.F).all()):
             return False

@@ -268,3 +268,20 @@ def test_refresh_with_one_nonfinite_factor_keeps_that_blocks_inverse_only():
     with pytest.warns(RuntimeWarning, match="A of '0' has non-finite entries"):
         assert eng.refresh() == 1
     assert eng.blocks["0"].eig is kept
+
+
+def test_safe_eigh_float64_retry_can_be_turned_off(monkeypatch):
+    from curvlab.kfac.inverse import EighError, safe_eigh
+
+    real = torch.linalg.eigh
+
+    def fails_in_float32(m, *a, **k):
+        if m.dtype == torch.float32:
+            raise RuntimeError("no convergence")
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_in_float32)
+    d, _ = safe_eigh(2 * torch.eye(3))  # retried in float64, returned in float32
+    assert d.dtype == torch.float32 and torch.equal(d, torch.full((3,), 2.0))
+    with pytest.raises(EighError, match="A: eigh failed in float32: no convergence"):
+        safe_eigh(torch.eye(3), name="A", retry_float64=False)
